@@ -1,0 +1,281 @@
+"""Model → GraphIR.
+
+``torch.export.export(strict=False)`` is the primary path: it gives an ATen-level graph with
+FakeTensor shapes (symbolic for dynamic dims) and works on Hugging Face models as they are
+(keyword inputs, ``ModelOutput`` results). ``torch.fx.symbolic_trace`` is the fallback for plain
+modules export cannot take; its graph is at torch-function level, so fewer pass patterns apply.
+
+Capture runs under ``torch.no_grad()``: inference graphs have no autograd state, and it keeps
+``@torch.no_grad`` regions of model code (rotary embeddings in HF Llama) from turning into
+higher-order ops that every pass would have to look inside.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx
+
+from graphopt.errors import CaptureError, InputError
+from graphopt.ir.graph_ir import PROVENANCE, GraphIR, TensorSpec, dtype_name
+from graphopt.ir.structure import flatten, leaf_names
+
+log = logging.getLogger(__name__)
+
+DynamicSpec = Mapping[str, Mapping[int, "tuple[int, int] | Any"]]
+
+
+def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` from a tensor, a tuple/list of positional tensors or a dict of keywords."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise InputError(f"example_inputs must be a tuple of tensors or a dict of keyword tensors, "
+                     f"not {type(example_inputs).__name__}")
+
+
+def _positional_names(module: torch.nn.Module, n: int) -> list[str]:
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for i in range(n):
+        if i < len(params) and params[i].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            names.append(params[i].name)
+        else:
+            names.append(f"arg{i}")
+    return names
+
+
+def _check_tensors(names: list[str], values: list[Any]) -> None:
+    for name, v in zip(names, values):
+        if not isinstance(v, torch.Tensor):
+            raise InputError(
+                f"example input {name!r} is a {type(v).__name__}, not a tensor; graphopt captures tensor "
+                "inputs only. Bind other arguments in the factory (functools.partial, the model config) "
+                "or leave them at their defaults.")
+
+
+def _dims_for(names: list[str], values: list[torch.Tensor], dynamic: DynamicSpec | None
+              ) -> tuple[dict[str, dict[int, Any]], dict[str, dict[int, tuple[int, int]]], dict[tuple[str, int], str]]:
+    """Build torch.export Dims. Dims of equal example size and range share one Dim (``input_ids``
+    and ``attention_mask`` share batch and sequence), since export requires equal dims to be one."""
+    dynamic = dynamic or {}
+    unknown = set(dynamic) - set(names)
+    if unknown:
+        raise InputError(f"dynamic dims given for unknown input(s) {sorted(unknown)}; inputs are {names}")
+    by_key: dict[tuple, Any] = {}
+    dims: dict[str, dict[int, Any]] = {}
+    ranges: dict[str, dict[int, tuple[int, int]]] = {}
+    dim_names: dict[tuple[str, int], str] = {}
+    used: set[str] = set()
+    for name, value in zip(names, values):
+        spec = dynamic.get(name) or {}
+        for raw_dim, rng in spec.items():
+            dim = int(raw_dim)
+            if dim < 0:
+                dim += value.dim()
+            if not 0 <= dim < value.dim():
+                raise InputError(f"dynamic dim {raw_dim} of input {name!r} is out of range for its shape "
+                                 f"{tuple(value.shape)}")
+            if not isinstance(rng, (tuple, list)) or len(rng) != 2:
+                raise InputError(f"dynamic range for {name}[{dim}] must be (min, max), got {rng!r}")
+            lo, hi = int(rng[0]), int(rng[1])
+            size = int(value.shape[dim])
+            if not lo <= size <= hi:
+                raise InputError(f"example input {name!r} has size {size} at dim {dim}, outside its dynamic "
+                                 f"range ({lo}, {hi}); widen the range or change the example")
+            key = (dim, lo, hi, size)
+            if key not in by_key:
+                base = {0: "batch", 1: "seq"}.get(dim, f"{name}_d{dim}")
+                label, k = base, 1
+                while label in used:
+                    k += 1
+                    label = f"{base}{k}"
+                used.add(label)
+                # torch.export specialises sizes 0 and 1; a range starting at 1 is still served at
+                # run time by the artifact (the ONNX/torch programs take any size in range).
+                by_key[key] = (torch.export.Dim(label, min=max(lo, 2), max=hi), label)
+            d, label = by_key[key]
+            dims.setdefault(name, {})[dim] = d
+            ranges.setdefault(name, {})[dim] = (lo, hi)
+            dim_names[(name, dim)] = label
+    return dims, ranges, dim_names
+
+
+def capture(module: torch.nn.Module, example_inputs: Any, dynamic: DynamicSpec | None = None,
+            *, method: str = "auto") -> GraphIR:
+    """Capture ``module`` called on ``example_inputs`` into a :class:`GraphIR`.
+
+    Args:
+        module: the model (put into eval mode by the caller; training graphs are not supported).
+        example_inputs: tuple of positional tensors or dict of keyword tensors.
+        dynamic: ``{input_name: {dim: (min, max)}}`` for dims that vary at run time.
+        method: ``"auto"`` (export, then symbolic_trace), ``"export"`` or ``"symbolic_trace"``.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    args, kwargs = normalize_example_inputs(example_inputs)
+    names = _positional_names(module, len(args)) + list(kwargs)
+    values = list(args) + list(kwargs.values())
+    _check_tensors(names, values)
+    dims, ranges, dim_names = _dims_for(names, values, dynamic)
+    if module.training:
+        log.info("capturing %s in eval mode", type(module).__name__)
+        module.eval()
+
+    with torch.no_grad():
+        try:
+            reference = module(*args, **kwargs)
+        except Exception as e:
+            raise CaptureError(f"the model raised on its example inputs: {type(e).__name__}: {e}. "
+                               "Check the inputs' names, shapes and dtypes against the model's forward().") from e
+
+    errors: list[str] = []
+    gm = None
+    how = None
+    if method in ("auto", "export"):
+        try:
+            gm = _export(module, args, kwargs, names, dims)
+            how = "torch.export"
+        except CaptureError:
+            raise
+        except Exception as e:
+            errors.append(f"torch.export: {type(e).__name__}: {_first_lines(str(e))}")
+            log.debug("torch.export failed", exc_info=True)
+    if gm is None and method in ("auto", "symbolic_trace"):
+        if kwargs:
+            errors.append("torch.fx.symbolic_trace: skipped (it takes positional tensor inputs only)")
+        else:
+            try:
+                gm = _symbolic_trace(module, len(args))
+                how = "symbolic_trace"
+            except Exception as e:
+                errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_lines(str(e))}")
+    if gm is None:
+        hint = _hint(errors)
+        raise CaptureError(f"could not capture {type(module).__name__}:\n  " + "\n  ".join(errors) +
+                           (f"\nhint: {hint}" if hint else ""))
+
+    leaves, out_structure = flatten(reference, is_leaf=lambda x: isinstance(x, torch.Tensor))
+    gm = _normalize_outputs(gm, len(leaves))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(names):
+        raise CaptureError(f"captured graph has {len(placeholders)} inputs but {len(names)} example inputs "
+                           f"were given ({names}); pass every tensor the model uses")
+    for n, name in zip(placeholders, names):
+        n.meta.setdefault("graphopt_input", name)
+
+    ir = GraphIR(gm, [], [], call_convention="keyword" if kwargs else "positional",
+                 out_structure=out_structure, example_inputs=[v.detach() for v in values],
+                 meta={"capture": how, "model_class": f"{type(module).__module__}.{type(module).__qualname__}"})
+    if how != "torch.export" or any("val" not in n.meta for n in gm.graph.nodes if n.op != "output"):
+        ir.propagate_shapes()
+    for n in gm.graph.nodes:
+        n.meta[PROVENANCE] = "capture"
+
+    sym_names = {}
+    for n, name in zip(placeholders, names):
+        val = n.meta.get("val")
+        for d, s in enumerate(getattr(val, "shape", ())):
+            if isinstance(s, torch.SymInt) and (name, d) in dim_names:
+                sym_names[str(s)] = dim_names[(name, d)]
+    ir.inputs = [_spec(name, n, ranges.get(name, {}), sym_names, dim_names) for n, name in zip(placeholders, names)]
+    ir.outputs = [_spec(oname, node, {}, sym_names, {}) for oname, node in
+                  zip(leaf_names(out_structure), ir.output_values())]
+    ir.recompile()
+    return ir
+
+
+def _export(module, args, kwargs, names, dims) -> torch.fx.GraphModule:
+    dynamic_shapes = None
+    if dims:
+        if kwargs:
+            dynamic_shapes = {n: dims.get(n) for n in kwargs}
+            if args:
+                raise CaptureError("mixing positional and keyword example inputs with dynamic dims is not "
+                                   "supported; pass all inputs as a dict")
+        else:
+            dynamic_shapes = tuple(dims.get(n) for n in names)
+    with torch.no_grad():
+        ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    try:
+        gm = ep.module(check_guards=False)
+    except TypeError:  # torch < 2.9 has no guard function to leave out
+        gm = ep.module()
+    return gm
+
+
+def _symbolic_trace(module, n_args) -> torch.fx.GraphModule:
+    gm = torch.fx.symbolic_trace(module)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for p in placeholders[n_args:]:  # optional arguments left at their defaults
+        if p.users:
+            raise CaptureError(f"symbolic_trace: forward() argument {p.name!r} is used but no example "
+                               "input was given for it")
+        gm.graph.erase_node(p)
+    return gm
+
+
+def _normalize_outputs(gm: torch.fx.GraphModule, n_leaves: int) -> torch.fx.GraphModule:
+    """Plain codegen (flat positional tensors in, flat tuple out) instead of pytree in/out specs.
+
+    Returns a fresh GraphModule: the one from ``ExportedProgram.module()`` carries a forward
+    pre-hook that checks calls against the pytree input spec, which no longer applies."""
+    gm.graph.set_codegen(torch.fx.graph.CodeGen())
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    leaves, _ = flatten(out.args[0], is_leaf=lambda x: isinstance(x, torch.fx.Node))
+    if len(leaves) != n_leaves:
+        raise CaptureError(f"captured graph returns {len(leaves)} tensors but the model returned {n_leaves}; "
+                           "outputs that are not computed from the inputs are not supported")
+    out.args = (tuple(leaves),)
+    fresh = torch.fx.GraphModule(gm, gm.graph, class_name="GraphIRModule")
+    fresh.meta.update(getattr(gm, "meta", {}))
+    return fresh
+
+
+def _spec(name, node, ranges, sym_names, dim_names) -> TensorSpec:
+    val = node.meta.get("val")
+    if val is None and "tensor_meta" in node.meta:
+        val = node.meta["tensor_meta"]
+    shape: list[int | str] = []
+    for s in getattr(val, "shape", ()):
+        if isinstance(s, torch.SymInt):
+            text = str(s)
+            for sym, label in sorted(sym_names.items(), key=lambda kv: -len(kv[0])):
+                text = text.replace(sym, label)
+            shape.append(text)
+        else:
+            shape.append(int(s))
+    for d in ranges:
+        if d < len(shape) and isinstance(shape[d], int):
+            shape[d] = dim_names.get((name, d), str(shape[d]))
+    dtype = dtype_name(val.dtype) if getattr(val, "dtype", None) is not None else "float32"
+    return TensorSpec(name, dtype, shape, dict(ranges))
+
+
+def _first_lines(text: str, n: int = 6) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return "\n    ".join(lines[:n]) + ("\n    ..." if len(lines) > n else "")
+
+
+def _hint(errors: list[str]) -> str:
+    text = " ".join(errors)
+    if "Constraints violated" in text or "specializ" in text or "ConstraintViolation" in text:
+        return ("a dim you marked dynamic is fixed by the model (a reshape to a constant, a size check); "
+                "mark fewer dims dynamic or narrow their ranges")
+    if "data-dependent" in text.lower() or "GuardOnDataDependentSymNode" in text:
+        return ("the model branches on tensor values; rewrite that branch with torch.where / torch.cond, "
+                "or compute it outside the model")
+    if "Unsupported" in text or "graph break" in text:
+        return "the model calls Python code torch.export cannot trace; move it out of forward()"
+    return "run with GRAPHOPT_DEBUG=1 for the full traceback"

@@ -1,0 +1,425 @@
+"""The ``graphopt`` command.
+
+Exit codes: 0 ok, 1 verification failed, 2 usage or input error, 3 internal error (a bug: rerun
+with ``--debug`` or ``GRAPHOPT_DEBUG=1`` for the traceback and report it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+EPILOG = """exit codes: 0 ok, 1 verification failed, 2 usage or input error, 3 internal error.
+environment: GRAPHOPT_PLUGINS=mod,...  extra plugin modules;  GRAPHOPT_DISABLE_PLUGINS=name,...  block plugins;
+             GRAPHOPT_STRICT_PLUGINS=1  a plugin that fails to load is fatal;  GRAPHOPT_DEBUG=1  tracebacks."""
+
+
+def _eprint(*a: Any) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+class _Progress:
+    """Per-pass progress lines on stderr while a pipeline runs."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.t0 = time.perf_counter()
+
+    def __call__(self, event: str, **kw: Any) -> None:
+        if self.quiet:
+            return
+        if event == "start":
+            p = kw["pass_"]
+            print(f"[{kw['index'] + 1}/{kw['total']}] {p.spec()} ...", end="", file=sys.stderr, flush=True)
+        elif event == "end":
+            rec = kw.get("record") or {}
+            v = rec.get("verify") or {}
+            status = "ok" if v.get("passed") else ("not verified" if not v else "FAILED")
+            err = v.get("error_vs_original")
+            err_s = f", err {err:.2e}" if isinstance(err, float) else ""
+            print(f" {rec.get('time_s', 0):.2f}s, nodes {rec.get('nodes_before')}→{rec.get('nodes_after')}, "
+                  f"{v.get('policy', '')} {status}{err_s}", file=sys.stderr, flush=True)
+        elif event == "lower":
+            print(f"[lower] {kw['target']} ...", end="", file=sys.stderr, flush=True)
+        elif event == "lowered":
+            rec = kw.get("record") or {}
+            v = rec.get("verify") or {}
+            err = v.get("error_vs_original")
+            err_s = f", err {err:.2e}" if isinstance(err, float) else ""
+            print(f" {rec.get('time_s', 0):.2f}s, {'ok' if v.get('passed') else 'FAILED'}{err_s}",
+                  file=sys.stderr, flush=True)
+
+
+def _parse_dynamic(items: list[str]) -> dict[str, dict[int, tuple[int, int]]]:
+    from graphopt.errors import InputError
+
+    out: dict[str, dict[int, tuple[int, int]]] = {}
+    for item in items or []:
+        try:
+            name, rest = item.split(":", 1)
+            dim, rng = rest.split("=", 1)
+            lo, hi = rng.replace("..", ":").split(":")
+            out.setdefault(name, {})[int(dim)] = (int(lo), int(hi))
+        except ValueError:
+            raise InputError(f"--dynamic {item!r} must look like NAME:DIM=MIN..MAX, e.g. input_ids:1=1..512") from None
+    return out
+
+
+# -- subcommands -----------------------------------------------------------------------------
+def cmd_compile(args: argparse.Namespace) -> int:
+    import graphopt
+    from graphopt.errors import InputError
+    from graphopt.model_loader import load_factory
+    from graphopt.passes.pipeline import BuildConfig, load_config
+
+    cfg = load_config(args.config) if args.config else BuildConfig()
+    if args.pipeline and args.config:
+        raise InputError("give either --pipeline or --config (whose 'pipeline' key sets the passes), not both")
+    model_spec = args.model or cfg.model
+    if not model_spec:
+        raise InputError("no MODEL given: pass path/to/file.py:factory (or set model = \"...\" in the --config file)")
+    pipeline = args.pipeline or cfg.pipeline
+    target = args.target or cfg.target or "onnx"
+    out = args.out or cfg.out
+    module, example_inputs, dynamic = load_factory(model_spec)
+    dynamic = dict(dynamic or {})
+    for name, dims in {**cfg.dynamic, **_parse_dynamic(args.dynamic)}.items():
+        dynamic.setdefault(name, {}).update(dims)
+    progress = _Progress(args.quiet)
+    if not args.quiet:
+        _eprint(f"graphopt {graphopt.__version__}: {model_spec} → {target}, pipeline {pipeline!r}")
+    art = graphopt.compile(module, example_inputs, pipeline=pipeline, target=target, out=out, dynamic=dynamic or None,
+                           verify=not (args.no_verify or not cfg.verify), dump_ir=args.dump_ir,
+                           report=None if args.report == "json" else "html", inputs=args.inputs or cfg.inputs,
+                           target_options=cfg.target_options, n_random=args.random_inputs,
+                           progress=progress, model_spec=model_spec)
+    from graphopt.report import format_table
+
+    print(format_table(art.report))
+    for note in (art.report.get("lowering") or {}).get("notes", []):
+        print(f"note: {note}")
+    extra = " + report.html" if args.report != "json" else ""
+    print(f"artifact: {art.path} (manifest.json, report.json{extra})")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import graphopt
+    from graphopt.compiler import load_inputs_npz  # noqa: F401 (same npz conventions)
+    from graphopt.errors import InputError
+
+    opts = {"threads": args.threads} if args.threads else {}
+    eng = graphopt.load(args.dir, **opts)
+    if args.inputs:
+        p = Path(args.inputs)
+        if not p.is_file():
+            raise InputError(f"--inputs {p} does not exist")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                feeds = {k: z[k] for k in z.files}
+        except Exception as e:
+            raise InputError(f"--inputs {p} is not a readable .npz ({e})") from None
+        expected = None
+    else:
+        feeds = eng.example_inputs()
+        expected = eng.expected_outputs()
+    flat = eng.bind(**feeds)
+    t0 = time.perf_counter()
+    outs = eng.run_flat(flat)
+    dt = time.perf_counter() - t0
+    arrays = {n: o.detach().cpu().numpy() for n, o in zip(eng.output_names, outs)}
+    print(f"ran {eng.path} ({eng.target}) in {dt * 1000:.1f} ms on "
+          f"{'the stored example inputs' if expected is not None else args.inputs}")
+    for n, a in arrays.items():
+        print(f"  {n}: {a.dtype}{list(a.shape)}")
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, **arrays)
+        print(f"outputs written to {out}")
+    if expected is not None:
+        worst = max(float(np.abs(arrays[n].astype(np.float64) - expected[n].astype(np.float64)).max())
+                    if arrays[n].size else 0.0 for n in expected)
+        ok = worst <= args.atol
+        print(f"max abs error vs the original module: {worst:.3g} ({'ok' if ok else 'FAILED'}, atol {args.atol:g})")
+        return EXIT_OK if ok else EXIT_VERIFY
+    return EXIT_OK
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import graphopt
+    from graphopt.errors import InputError
+
+    eng = graphopt.load(args.dir)
+    tok = None
+    tok_file = eng.path / "tokenizer.json"
+    if args.prompt is not None:
+        if not tok_file.is_file():
+            raise InputError(f"{eng.path} has no tokenizer.json, so --prompt cannot be tokenized; pass --ids 1,2,3")
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tok_file))
+        ids = [tok.encode(args.prompt).ids]
+    else:
+        try:
+            ids = [[int(x) for x in args.ids.split(",") if x.strip()]]
+        except ValueError:
+            raise InputError(f"--ids {args.ids!r} must be comma-separated integers") from None
+    if not ids[0]:
+        raise InputError("the prompt is empty")
+    import torch
+
+    prompt = torch.tensor(ids)
+    n_prompt = prompt.shape[1]
+    seq = prompt
+    for seq in eng.stream(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          seed=args.seed, eos_token_id=args.eos):
+        if tok is not None and not args.quiet:
+            pass
+    new = seq[0, n_prompt:].tolist()
+    if tok is not None:
+        print(tok.decode(ids[0] + new))
+    else:
+        print(",".join(str(i) for i in ids[0] + new))
+    return EXIT_OK
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from graphopt.passes.base import describe_options
+    from graphopt.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    rows = []
+    for name in sorted(pm.passes.passes):
+        info = pm.passes.passes[name]
+        rows.append({"name": name, "plugin": info.plugin, "summary": info.cls.summary(),
+                     "options": describe_options(info.cls),
+                     "verification": (info.cls.verification.describe() if info.cls.verification else "allclose (default)")})
+    aliases = {k: {"pipeline": v[0], "plugin": v[1]} for k, v in sorted(pm.passes.aliases.items())}
+    if args.json:
+        print(json.dumps({"passes": rows, "aliases": aliases}, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no passes registered (is graphopt installed? see `graphopt plugins`)")
+    for r in rows:
+        print(f"{r['name']}  [{r['plugin']}]  {r['summary']}")
+        print(f"    verification: {r['verification']}")
+        for o in r["options"]:
+            print(f"    option {o}")
+    if aliases:
+        print("\naliases:")
+        for k, v in aliases.items():
+            print(f"{k} = {v['pipeline']}  [{v['plugin']}]")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from graphopt.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    infos = sorted(pm.plugins.values(), key=lambda i: i.name)
+    if args.json:
+        print(json.dumps([{**vars(i), "status": i.status} for i in infos], indent=2))
+        return EXIT_OK
+    for i in infos:
+        print(f"{i.name} {i.version}  [{i.status}]  from {i.source}: {i.module}")
+        if i.passes:
+            print(f"    passes: {', '.join(i.passes)}")
+        if i.aliases:
+            print(f"    aliases: {', '.join(i.aliases)}")
+        if i.backends:
+            print(f"    backends: {', '.join(i.backends)}")
+        if i.error:
+            print(f"    error: {i.error}")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from graphopt.artifact import read_manifest, verify_checksums
+    from graphopt.errors import ChecksumError
+    from graphopt.report import format_table
+
+    m = read_manifest(args.dir)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return EXIT_OK
+    try:
+        verify_checksums(args.dir, m)
+        checks = f"all {len(m['files'])} files match their sha256"
+    except ChecksumError as e:
+        checks = f"MISMATCH: {e}"
+    print(f"artifact {args.dir}")
+    print(f"  target: {m['target']}  payload: {m['payload'].get('file', '')}  pipeline: {m.get('pipeline')!r}")
+    model = m.get("model") or {}
+    print(f"  model: {model.get('spec') or model.get('class')}  (captured with {model.get('capture')})")
+    print("  inputs:  " + ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in m["inputs"]))
+    print("  outputs: " + ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in m["outputs"]))
+    v = m.get("versions") or {}
+    print("  built with: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
+    print(f"  checksums: {checks}")
+    rp = Path(args.dir) / "report.json"
+    if rp.is_file():
+        print()
+        print(format_table(json.loads(rp.read_text())))
+    return EXIT_OK
+
+
+def cmd_bisect(args: argparse.Namespace) -> int:
+    from graphopt.capture import capture
+    from graphopt.errors import InputError
+    from graphopt.model_loader import load_factory
+    from graphopt.passes.pipeline import resolve
+    from graphopt.plugins import get_plugin_manager
+    from graphopt.verify.bisect import bisect
+
+    pipeline = args.pipeline
+    if Path(args.model).is_dir():
+        from graphopt.verify.reproducer import load_reproducer
+
+        rep = load_reproducer(args.model)
+        pipeline = pipeline or rep["pipeline"]
+        ir = capture(rep["module"], rep["example_inputs"], rep["dynamic"] or None)
+    else:
+        if not pipeline:
+            raise InputError("--pipeline is required unless MODEL is a reproducer directory")
+        module, example_inputs, dynamic = load_factory(args.model)
+        ir = capture(module, example_inputs, dynamic)
+    passes = resolve(pipeline, get_plugin_manager().passes)
+    _eprint(f"bisecting {len(passes)} passes of {pipeline!r} ...")
+    result = bisect(ir, passes, pipeline_text=pipeline)
+    print(result.format())
+    return EXIT_VERIFY if result.guilty_pass else EXIT_OK
+
+
+# -- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    import graphopt
+
+    p = argparse.ArgumentParser(
+        prog="graphopt", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Compile PyTorch models: capture with torch.export, run plugin passes verified "
+                    "against the original graph after every pass, lower to ONNX Runtime or a torch program.")
+    p.add_argument("--version", action="version", version=f"graphopt {graphopt.__version__}")
+    p.add_argument("-p", "--plugin", action="append", default=[], metavar="MODULE",
+                   help="load an extra plugin module by import name (repeatable)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile MODEL into an artifact directory",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                       description="Capture MODEL, run the pipeline with per-pass verification against the original "
+                                   "graph, lower to TARGET and write an artifact directory atomically.\n"
+                                   "MODEL is path/to/file.py:factory; factory() returns (module, example_inputs) "
+                                   "or (module, example_inputs, dynamic).")
+    c.add_argument("model", nargs="?", help="path/to/file.py:factory (or `model` in --config)")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--pipeline", help="pipeline text, e.g. 'cleanup,my-pass(k=3)' (default: cleanup)")
+    g.add_argument("--config", metavar="build.toml", help="TOML build config (pipeline, target, out, dynamic, ...)")
+    c.add_argument("--target", help="onnx (default), torch, or any plugin backend; see `graphopt plugins`")
+    c.add_argument("--out", metavar="DIR", help="artifact directory (default build/<model class>)")
+    c.add_argument("--inputs", metavar="FILE.npz", help="extra evaluation inputs (one array per input name)")
+    c.add_argument("--dynamic", action="append", default=[], metavar="NAME:DIM=MIN..MAX",
+                   help="mark an input dim dynamic (repeatable), e.g. input_ids:1=1..512")
+    c.add_argument("--no-verify", action="store_true", help="skip per-pass and post-lowering verification")
+    c.add_argument("--report", choices=["html", "json"], default="html", help="write report.html too (default) or only report.json")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass as DIR/NNN_<pass>.txt")
+    c.add_argument("--random-inputs", type=int, default=1, metavar="N",
+                   help="fresh random input sets verified besides the example inputs (default 1)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="run an artifact on inputs",
+                       description="Run an artifact. Without --inputs it replays the stored example inputs and "
+                                   "compares with the original module's outputs (exit 1 if they differ beyond --atol).")
+    r.add_argument("dir", help="artifact directory")
+    r.add_argument("--inputs", metavar="FILE.npz", help="inputs: one array per input name")
+    r.add_argument("--output", metavar="FILE.npz", help="write the outputs here")
+    r.add_argument("--atol", type=float, default=1e-4, help="tolerance when replaying the examples (default 1e-4)")
+    r.add_argument("--threads", type=int, help="intra-op threads for the runner")
+    r.set_defaults(func=cmd_run)
+
+    gen = sub.add_parser("generate", help="decode tokens with a decoder artifact")
+    gen.add_argument("dir", help="artifact directory")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs a tokenizer.json in the artifact)")
+    src.add_argument("--ids", help="prompt token ids, comma-separated")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--eos", type=int, help="stop at this token id")
+    gen.add_argument("-q", "--quiet", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    ps = sub.add_parser("passes", help="list every registered pass: name, plugin, summary, options")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=cmd_passes)
+
+    pl = sub.add_parser("plugins", help="list every plugin: name, version, source, what it adds, errors")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plugins)
+
+    ins = sub.add_parser("inspect", help="show an artifact's manifest and verification report")
+    ins.add_argument("dir")
+    ins.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    ins.set_defaults(func=cmd_inspect)
+
+    b = sub.add_parser("bisect", help="find the first pass, rewrite and node that break verification",
+                       description="MODEL is path/to/file.py:factory or a reproducer directory written by a failed compile.")
+    b.add_argument("model")
+    b.add_argument("--pipeline", help="pipeline text (default: the reproducer's)")
+    b.set_defaults(func=cmd_bisect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("GRAPHOPT_DEBUG", "") not in ("", "0")
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    from graphopt.errors import GraphoptError
+
+    try:
+        if args.plugin:
+            from graphopt.plugins import get_plugin_manager
+
+            pm = get_plugin_manager()
+            for mod in args.plugin:
+                info = pm.load_module(mod)
+                if info.error:
+                    raise GraphoptError(f"plugin {mod!r} given with -p failed to load: {info.error}")
+        return args.func(args)
+    except GraphoptError as e:
+        if debug:
+            raise
+        _eprint(f"error: {e}" if e.exit_code == EXIT_USAGE else f"verification failed: {e}"
+                if not str(e).startswith("verification failed") else str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        _eprint("interrupted; nothing was written")
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        _eprint(f"internal error: {type(e).__name__}: {e}\n"
+                "this is a bug in graphopt or a plugin; rerun with --debug for the traceback and report it")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

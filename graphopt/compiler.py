@@ -1,0 +1,234 @@
+"""compile(): capture → passes (verified one by one) → lowering (verified) → artifact.
+
+This module wires the pieces together and knows no optimization: passes and backends come from
+the plugin registry only.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from graphopt.artifact import FORMAT, SCHEMA_VERSION, ArtifactWriter
+from graphopt.capture import capture
+from graphopt.errors import InputError, VerificationError
+from graphopt.ir.graph_ir import GraphIR
+from graphopt.passes.base import PassContext
+from graphopt.passes.manager import PassManager
+from graphopt.passes.pipeline import pipeline_text, resolve
+from graphopt.plugins import get_plugin_manager
+from graphopt.report import Report
+from graphopt.verify.policies import allclose
+from graphopt.verify.verifier import Verifier, make_verification_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Artifact:
+    """A compiled artifact on disk."""
+
+    path: Path
+    manifest: dict[str, Any]
+    report: dict[str, Any]
+
+    def load(self, **options: Any):
+        from graphopt.runtime.engine import load
+
+        return load(self.path, **options)
+
+    def __repr__(self) -> str:
+        return f"Artifact({str(self.path)!r}, target={self.manifest['target']!r})"
+
+
+def library_versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    def ver(dist: str) -> str | None:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    from graphopt import __version__
+
+    return {"graphopt": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "onnx": ver("onnx"), "onnxruntime": ver("onnxruntime") or ver("onnxruntime-gpu"),
+            "tensorrt": ver("tensorrt"), "transformers": ver("transformers")}
+
+
+def load_inputs_npz(path: str | Path, ir: GraphIR) -> list[torch.Tensor]:
+    """An ``.npz`` of named arrays → flat inputs in the graph's order (names must match)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"inputs file {p} does not exist")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise InputError(f"inputs file {p} is not a readable .npz ({e}); write it with numpy.savez(name=array, ...)") from None
+    missing = [n for n in ir.input_names if n not in arrays]
+    if missing:
+        raise InputError(f"inputs file {p} lacks {missing}; it must hold one array per input: {ir.input_names}")
+    return [torch.from_numpy(np.ascontiguousarray(arrays[n])) for n in ir.input_names]
+
+
+def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", *, dynamic: Any = None,
+             verify: bool = True, dump_ir: str | None = None, repro_dir: str | None = None,
+             extra_inputs: list[list[torch.Tensor]] | None = None, n_random: int = 1,
+             progress: Callable[..., None] | None = None, model_spec: str | None = None,
+             report: Report | None = None) -> tuple[GraphIR, GraphIR, Report, Verifier | None]:
+    """Capture (unless given a GraphIR) and run the pipeline with per-pass verification.
+
+    Returns ``(original, optimized, report, verifier)``.
+    """
+    pm = get_plugin_manager()
+    passes = resolve(pipeline, pm.passes)
+    text = pipeline_text_of(pipeline, passes)
+    ir = model if isinstance(model, GraphIR) else capture(model, example_inputs, dynamic)
+    original = ir.copy()
+    report = report or Report(model=model_spec or ir.meta.get("model_class", ""), pipeline=text)
+    report.data["pipeline"] = text
+    report.set_original(original)
+    report.data["verification"]["enabled"] = verify
+    verifier = None
+    if verify:
+        sets = make_verification_inputs(original, n_random=n_random)
+        sets.extend(extra_inputs or [])
+        verifier = Verifier(original, sets)
+    ctx = PassContext(original=original, pipeline_text=text, verify=verify, verifier=verifier,
+                      dump_ir=dump_ir, repro_dir=repro_dir, report=report, progress=progress)
+    ctx.data["model_spec"] = model_spec
+    optimized = PassManager(passes, pm.hook).run(ir, ctx)
+    return original, optimized, report, verifier
+
+
+def pipeline_text_of(pipeline: str, passes: list) -> str:
+    return pipeline.strip() if isinstance(pipeline, str) else pipeline_text(pipeline)
+
+
+def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", target: str = "onnx",
+            out: str | Path | None = None, *, dynamic: Any = None, verify: bool = True,
+            dump_ir: str | None = None, report: str | None = "html", inputs: str | Path | None = None,
+            target_options: dict[str, Any] | None = None, n_random: int = 1,
+            progress: Callable[..., None] | None = None, model_spec: str | None = None) -> Artifact:
+    """Compile ``model`` into an artifact directory at ``out``.
+
+    Args:
+        model: an ``nn.Module`` (captured with ``example_inputs``) or a :class:`GraphIR`.
+        example_inputs: tuple of positional tensors or dict of keyword tensors.
+        pipeline: pipeline text, e.g. ``"cleanup,fuse-attention"``.
+        target: a registered backend (``onnx``, ``torch``, ...).
+        out: artifact directory (written atomically). Default ``build/<model class>``.
+        dynamic: ``{input: {dim: (min, max)}}``.
+        verify: verify every pass and the lowered artifact against the original graph.
+        dump_ir: directory for ``NNN_<pass>.txt`` IR dumps.
+        report: ``"html"`` also writes report.html; ``None`` only report.json.
+        inputs: an ``.npz`` of extra evaluation inputs (one array per input name).
+    """
+    t_start = time.perf_counter()
+    pm = get_plugin_manager()
+    backend = pm.backend(target)  # unknown target → error before any work
+    resolve(pipeline, pm.passes)  # unknown pass/option → error before capture
+    ir = model if isinstance(model, GraphIR) else capture(model, example_inputs, dynamic)
+    if out is None:
+        out = Path("build") / ir.meta.get("model_class", "model").rsplit(".", 1)[-1].lower()
+    out = Path(out)
+    extra = [load_inputs_npz(inputs, ir)] if inputs else []
+    rep = Report(model=model_spec or ir.meta.get("model_class", ""), pipeline=str(pipeline), target=target)
+    repro_dir = str(out.with_name(out.name + ".repro"))
+    original, optimized, rep, verifier = optimize(
+        ir, pipeline=pipeline, verify=verify, dump_ir=dump_ir, repro_dir=repro_dir, extra_inputs=extra,
+        n_random=n_random, progress=progress, model_spec=model_spec, report=rep)
+
+    with ArtifactWriter(out) as w:
+        if progress:
+            progress("lower", target=target)
+        t0 = time.perf_counter()
+        lowered = backend.lower(optimized, w.dir, dict(target_options or {}))
+        low = {"target": target, "time_s": round(time.perf_counter() - t0, 4), "nodes": optimized.node_count(),
+               "files": lowered.files, "notes": lowered.notes, "verify": None}
+        rep.data["lowering"] = low
+        manifest = _manifest(optimized, original, target, lowered, rep, model_spec)
+        if verify and lowered.payload.get("runnable", True):
+            low["verify"] = _verify_lowered(backend, w.dir, manifest, verifier, optimized.output_names)
+            if progress:
+                progress("lowered", record=low)
+            if not low["verify"]["passed"]:
+                rep.data["verification"].update(passed=False, failed_pass=f"lower:{target}")
+                raise VerificationError(
+                    f"the {target} artifact does not reproduce the original graph: {low['verify']['message']}\n"
+                    f"  the optimized graph verified; the lowering to {target!r} changed the numerics. "
+                    f"Report this with the pipeline {rep.data['pipeline']!r}", record=low["verify"])
+        _save_examples(w.dir, original)
+        rep.finish()
+        rep.data["total_time_s"] = round(time.perf_counter() - t_start, 4)
+        manifest["verification"] = _verification_summary(rep)
+        (w.dir / "report.json").write_text(rep.to_json() + "\n")
+        if report == "html":
+            from graphopt.report_html import render_html
+
+            (w.dir / "report.html").write_text(render_html(rep.data))
+        path = w.commit(manifest)
+    return Artifact(path, manifest, rep.data)
+
+
+def _manifest(ir: GraphIR, original: GraphIR, target: str, lowered: Any, rep: Report, model_spec: str | None) -> dict:
+    return {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION,
+        "graphopt_version": library_versions()["graphopt"], "versions": library_versions(),
+        "target": target, "payload": lowered.payload,
+        "pipeline": rep.data["pipeline"], "passes": [r["spec"] for r in rep.passes],
+        "model": {"class": original.meta.get("model_class"), "spec": model_spec, "capture": original.meta.get("capture")},
+        "call_convention": original.call_convention,
+        "inputs": [s.to_json() for s in ir.inputs], "outputs": [s.to_json() for s in ir.outputs],
+        "out_structure": ir.out_structure,
+        "examples": {"inputs": "example_inputs.npz", "outputs": "expected_outputs.npz"},
+        "generation": ir.meta.get("generation"),
+        "files": {},
+    }
+
+
+def _verify_lowered(backend, path: Path, manifest: dict, verifier: Verifier | None, names: list[str]) -> dict:
+    runner = backend.load(path, manifest)
+    try:
+        policy = allclose(rtol=backend.rtol, atol=backend.atol)
+        from graphopt.verify.policies import Evidence, max_abs_error
+
+        candidate = [runner.run(inp) for inp in verifier.input_sets]
+        candidate = [[t.detach().cpu() for t in outs] for outs in candidate]
+        ev = Evidence(output_names=names, original=verifier.original_outputs, candidate=candidate)
+        outcome = policy.check(ev)
+        err = max_abs_error(verifier.original_outputs, candidate, names)[0]
+        return {"policy": policy.describe(), "passed": outcome.passed, "message": outcome.message,
+                "error_vs_original": err, "worst_output": outcome.worst_output,
+                "input_sets": len(verifier.input_sets)}
+    finally:
+        runner.close()
+
+
+def _save_examples(d: Path, original: GraphIR) -> None:
+    """Example inputs and the ORIGINAL model's outputs on them: `graphopt run DIR` replays them."""
+    np.savez(d / "example_inputs.npz", **{n: t.detach().cpu().numpy() for n, t in
+                                         zip(original.input_names, original.example_inputs)})
+    outs = original.run()
+    np.savez(d / "expected_outputs.npz", **{n: t.detach().cpu().numpy() for n, t in zip(original.output_names, outs)})
+
+
+def _verification_summary(rep: Report) -> dict:
+    v = rep.data["verification"]
+    errs = [r["verify"]["error_vs_original"] for r in rep.passes
+            if r.get("verify") and isinstance(r["verify"].get("error_vs_original"), float)]
+    low = (rep.data.get("lowering") or {}).get("verify") or {}
+    return {"enabled": v.get("enabled", True), "passed": v.get("passed"), "passes_verified":
+            sum(1 for r in rep.passes if (r.get("verify") or {}).get("passed")),
+            "worst_pass_error_vs_original": max(errs) if errs else None,
+            "lowering_error_vs_original": low.get("error_vs_original"),
+            "input_sets": low.get("input_sets")}

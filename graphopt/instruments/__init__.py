@@ -1,0 +1,109 @@
+"""Built-in instruments, a plugin like any other: timing, the pass limit (bisection), IR dumps
+(``NNN_<pass>.txt``) and per-pass verification against the original graph.
+
+They read their settings from the :class:`graphopt.PassContext` of the run and write into its
+report, so the pass manager never special-cases them. Blocking this plugin
+(``GRAPHOPT_DISABLE_PLUGINS=graphopt-instruments``) turns all of them off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from graphopt.errors import VerificationError
+from graphopt.hookspecs import hookimpl
+from graphopt.passes.manager import StopPipeline
+
+log = logging.getLogger(__name__)
+
+_T0 = "_instrument_t0"
+
+
+def _plugin_of(pass_) -> str | None:
+    from graphopt.plugins import get_plugin_manager
+
+    info = get_plugin_manager().passes.passes.get(pass_.name)
+    return info.plugin if info else None
+
+
+@hookimpl(tryfirst=True)
+def graphopt_before_pass(pass_, ir, ctx):
+    if ctx.pass_limit is not None and ctx.index >= ctx.pass_limit:
+        raise StopPipeline
+    if ctx.report is not None:
+        ctx.report.start_pass(pass_, ctx.index, ir, _plugin_of(pass_))
+    if ctx.progress:
+        ctx.progress("start", pass_=pass_, index=ctx.index, total=len(ctx.passes))
+    ctx.data[_T0] = time.perf_counter()
+    ctx.rewrites = 0
+    ctx.data["_last_rewrites"] = []
+
+
+@hookimpl(tryfirst=True)
+def graphopt_after_pass(pass_, ir, result, ctx):
+    elapsed = time.perf_counter() - ctx.data.pop(_T0, time.perf_counter())
+    rec = ctx.report.current() if ctx.report is not None else None
+    if rec is not None:
+        rec.update(changed=result.changed, stats=dict(result.stats), time_s=round(elapsed, 4),
+                   nodes_after=ir.node_count(), params_after=ir.param_count(), rewrites=ctx.rewrites)
+    if ctx.dump_ir:
+        path = Path(ctx.dump_ir)
+        path.mkdir(parents=True, exist_ok=True)
+        if ctx.index == 0 and ctx.original is not None:
+            (path / "000_capture.txt").write_text(ctx.original.format() + "\n")
+        f = path / f"{ctx.index + 1:03d}_{pass_.name.replace('-', '_')}.txt"
+        f.write_text(f"# pass {pass_.spec()} (changed={result.changed}, stats={result.stats})\n"
+                     + ir.format() + "\n")
+        if rec is not None:
+            rec["ir_dump"] = str(f)
+    if ctx.verify and ctx.verifier is not None:
+        _verify(pass_, ir, ctx, rec)
+    if ctx.progress:
+        ctx.progress("end", pass_=pass_, index=ctx.index, total=len(ctx.passes), record=rec)
+
+
+def _verify(pass_, ir, ctx, rec):
+    from graphopt.verify.policies import allclose
+    from graphopt.verify.reproducer import describe_failure, write_reproducer
+    from graphopt.verify.verifier import first_divergence
+
+    policy = pass_.verification or allclose()
+    t0 = time.perf_counter()
+    try:
+        outcome, vrec = ctx.verifier.check(ir, policy)
+    except Exception as e:
+        outcome, vrec = None, {"policy": policy.describe(), "passed": False,
+                               "message": f"the graph after {pass_.name!r} no longer runs: {type(e).__name__}: {e}"}
+    vrec["time_s"] = round(time.perf_counter() - t0, 4)
+    if rec is not None:
+        rec["verify"] = vrec
+    if vrec["passed"]:
+        return
+    rtol, atol = policy.tolerance()
+    div = first_divergence(ctx.verifier.original, ir, ctx.verifier.input_sets[0], rtol=max(rtol, 1e-6),
+                           atol=max(atol, 1e-6), pass_name=pass_.name)
+    vrec["first_divergence"] = div
+    vrec["rewrites"] = list(ctx.data.get("_last_rewrites", []))
+    if ctx.report is not None:
+        ctx.report.data["verification"].update(passed=False, failed_pass=pass_.name)
+    repro = None
+    if ctx.repro_dir:
+        try:
+            repro = write_reproducer(ctx, pass_, vrec)
+        except Exception as e:  # a reproducer is a courtesy; never mask the failure
+            log.warning("could not write a reproducer: %s", e)
+    raise VerificationError(describe_failure(pass_, ctx, vrec, repro), record=vrec, repro_dir=repro)
+
+
+@hookimpl
+def graphopt_pass_failed(pass_, ir, error, ctx):
+    rec = ctx.report.current() if ctx.report is not None else None
+    if rec is not None and rec.get("name") == pass_.name and rec.get("error") is None:
+        rec["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+    if ctx.dump_ir:
+        path = Path(ctx.dump_ir)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / f"{ctx.index + 1:03d}_{pass_.name.replace('-', '_')}.FAILED.txt").write_text(
+            f"# pass {pass_.spec()} failed: {error}\n" + ir.format() + "\n")

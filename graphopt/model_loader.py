@@ -1,0 +1,67 @@
+"""``path/to/file.py:factory`` → (module, example_inputs, dynamic).
+
+The factory takes no arguments and returns ``(module, example_inputs)`` or
+``(module, example_inputs, dynamic)`` where ``dynamic`` is ``{input: {dim: (min, max)}}``.
+The file is imported under a private module name with its folder on ``sys.path`` (so it can import
+its neighbours), without touching the caller's ``sys.modules`` entries of the same name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphopt.errors import ModelLoadError
+
+
+def split_spec(spec: str) -> tuple[Path, str]:
+    file, sep, factory = spec.rpartition(":")
+    if not sep or not file or not factory:
+        raise ModelLoadError(f"model {spec!r} must be path/to/file.py:factory, e.g. samples/models/nanogpt.py:build")
+    return Path(file), factory
+
+
+def load_factory(spec: str, **kwargs: Any) -> tuple[torch.nn.Module, Any, dict | None]:
+    path, factory = split_spec(spec)
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist (from {spec!r})")
+    if path.suffix != ".py":
+        raise ModelLoadError(f"model file {path} is not a .py file; MODEL is path/to/file.py:factory")
+    name = f"_graphopt_model_{abs(hash(str(path.resolve())))}"
+    folder = str(path.resolve().parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        mod_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as e:
+            sys.modules.pop(name, None)
+            raise ModelLoadError(f"importing {path} failed: {type(e).__name__}: {e}") from e
+        fn = getattr(module, factory, None)
+        if fn is None or not callable(fn):
+            options = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                             and getattr(v, "__module__", None) == name)
+            raise ModelLoadError(f"{path} has no function {factory!r}; functions defined there: {options or 'none'}")
+        try:
+            result = fn(**kwargs)
+        except Exception as e:
+            raise ModelLoadError(f"{spec} raised {type(e).__name__}: {e}") from e
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        raise ModelLoadError(f"{spec} must return (module, example_inputs) or (module, example_inputs, dynamic), "
+                             f"got {type(result).__name__}")
+    module_obj, example_inputs = result[0], result[1]
+    dynamic = result[2] if len(result) == 3 else None
+    if not isinstance(module_obj, torch.nn.Module):
+        raise ModelLoadError(f"{spec} returned a {type(module_obj).__name__} as its module; return a torch.nn.Module")
+    return module_obj, example_inputs, dynamic

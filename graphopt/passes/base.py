@@ -1,0 +1,246 @@
+"""The Pass contract: what every pass, built-in or third-party, declares and returns.
+
+A pass is a small class::
+
+    class DropIdentity(graphopt.Pass):
+        \"\"\"Remove aten.alias / no-op casts.\"\"\"      # first line: shown by `graphopt passes`
+        name = "drop-identity"                         # kebab-case, used in pipeline text
+        verification = graphopt.verify.exact()         # how it is checked against the original
+
+        @dataclasses.dataclass
+        class Options:                                 # parsed from `drop-identity(k=3)`
+            k: int = 3
+
+        def run(self, ir, ctx) -> graphopt.PassResult: ...
+
+``requires`` / ``ensures`` are structural checks run before / after the pass; ``runs_after`` /
+``runs_before`` order passes by name; ``fixpoint = True`` reruns the pass until it stops changing
+the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from graphopt.errors import PassOptionError
+
+if TYPE_CHECKING:
+    from graphopt.ir.graph_ir import GraphIR
+    from graphopt.report import Report
+    from graphopt.verify.policies import Policy
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the (possibly new) IR, whether it changed anything, and counters for
+    the report (``{"attention_fused": 12}``)."""
+
+    ir: GraphIR
+    changed: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NoOptions:
+    """A pass without options."""
+
+
+@dataclass
+class PassContext:
+    """State shared by one pipeline run, handed to every pass and instrument.
+
+    Passes read ``original`` (the captured graph), ``pipeline_text``, ``data`` (a dict passes may
+    use to hand results to later passes, e.g. calibration scales) and call ``should_rewrite`` before
+    each individual rewrite so ``graphopt bisect`` can find the exact rewrite that broke a model.
+    """
+
+    original: GraphIR | None = None
+    pipeline_text: str = ""
+    passes: list[Pass] = field(default_factory=list)
+    index: int = 0
+    verify: bool = True
+    verification_inputs: list[list[Any]] = field(default_factory=list)
+    verifier: Any = None
+    dump_ir: str | None = None
+    pass_limit: int | None = None
+    rewrite_limit: int | None = None
+    rewrites: int = 0
+    repro_dir: str | None = None
+    report: Report | None = None
+    progress: Any = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def current(self) -> Pass | None:
+        return self.passes[self.index] if 0 <= self.index < len(self.passes) else None
+
+    @property
+    def passes_before(self) -> list[str]:
+        return [p.name for p in self.passes[: self.index]]
+
+    def should_rewrite(self, what: str = "") -> bool:
+        """Ask before each rewrite. False once the bisect rewrite limit is reached (the pass must
+        then leave the match alone). Counts rewrites for the report."""
+        if self.rewrite_limit is not None and self.rewrites >= self.rewrite_limit:
+            log.debug("rewrite limit %d reached; skipping %s", self.rewrite_limit, what)
+            return False
+        self.rewrites += 1
+        self.data.setdefault("_last_rewrites", []).append(what)
+        return True
+
+
+class Pass:
+    """Base class of every optimization pass. Subclasses set ``name`` and implement ``run``."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    verification: ClassVar[Policy | None] = None  # None → graphopt.verify.allclose()
+    runs_after: ClassVar[tuple[str, ...]] = ()
+    runs_before: ClassVar[tuple[str, ...]] = ()
+    fixpoint: ClassVar[bool] = False
+    max_iterations: ClassVar[int] = 8
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    @classmethod
+    def from_options(cls, raw: dict[str, Any]) -> Pass:
+        return cls(parse_options(cls, raw))
+
+    def requires(self, ir: GraphIR) -> None:
+        """Raise :class:`graphopt.PassError` if ``ir`` is not something this pass can run on."""
+
+    def ensures(self, ir: GraphIR) -> None:
+        """Raise :class:`graphopt.PassError` if the result breaks a promise of this pass."""
+
+    def run(self, ir: GraphIR, ctx: PassContext) -> PassResult:
+        raise NotImplementedError(f"pass {self.name!r} ({type(self).__name__}) does not implement run()")
+
+    def spec(self) -> str:
+        """Pipeline text that recreates this pass with its options, e.g. ``prune(amount=0.5)``."""
+        if not dataclasses.is_dataclass(self.options):
+            return self.name
+        defaults = self.Options()
+        changed = [(f.name, getattr(self.options, f.name)) for f in dataclasses.fields(self.options)
+                   if getattr(self.options, f.name) != getattr(defaults, f.name)]
+        if not changed:
+            return self.name
+        return f"{self.name}(" + ",".join(f"{k}={_format_value(v)}" for k, v in changed) + ")"
+
+    def __repr__(self) -> str:
+        return f"<pass {self.spec()}>"
+
+
+def _format_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def option_fields(pass_cls: type[Pass]) -> list[dataclasses.Field]:
+    opts = pass_cls.Options
+    return list(dataclasses.fields(opts)) if dataclasses.is_dataclass(opts) else []
+
+
+def describe_options(pass_cls: type[Pass]) -> list[str]:
+    """``["k: int = 3", ...]`` for ``graphopt passes``."""
+    out = []
+    hints = _hints(pass_cls.Options)
+    for f in option_fields(pass_cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        out.append(f"{f.name}: {_type_name(hints.get(f.name, f.type))} = {default!r}")
+    return out
+
+
+def _hints(opts: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(opts)
+    except Exception:
+        return {}
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", str(t).replace("typing.", ""))
+
+
+def parse_options(pass_cls: type[Pass], raw: dict[str, Any]) -> Any:
+    """Build ``pass_cls.Options`` from pipeline-text strings (or TOML values), converting each
+    value to the field's declared type. Unknown names and bad values raise PassOptionError."""
+    fields = {f.name: f for f in option_fields(pass_cls)}
+    hints = _hints(pass_cls.Options)
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        valid = ", ".join(describe_options(pass_cls)) or "none"
+        raise PassOptionError(f"pass {pass_cls.name!r} has no option {unknown[0]!r}; valid options: {valid}")
+    values = {}
+    for k, v in raw.items():
+        values[k] = _convert(pass_cls.name, k, v, hints.get(k, fields[k].type))
+    try:
+        return pass_cls.Options(**values)
+    except TypeError as e:
+        raise PassOptionError(f"pass {pass_cls.name!r}: {e}") from e
+    except ValueError as e:  # __post_init__ validation
+        raise PassOptionError(f"pass {pass_cls.name!r}: {e}") from e
+
+
+def _convert(pass_name: str, key: str, value: Any, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        for a in non_none:
+            try:
+                return _convert(pass_name, key, value, a)
+            except PassOptionError:
+                continue
+        raise PassOptionError(f"pass {pass_name!r}: option {key}={value!r} is not a {_type_name(typ)}")
+    if origin is typing.Literal:
+        for a in args:
+            if str(a) == str(value):
+                return a
+        raise PassOptionError(f"pass {pass_name!r}: option {key}={value!r} must be one of "
+                              + ", ".join(str(a) for a in args))
+    if origin in (list, tuple):
+        items = value if isinstance(value, (list, tuple)) else [x for x in str(value).split("|") if x]
+        inner = args[0] if args else str
+        conv = [_convert(pass_name, key, x, inner) for x in items]
+        return conv if origin is list else tuple(conv)
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise PassOptionError(f"pass {pass_name!r}: option {key}={value!r} is not a {_type_name(typ)}") from None
+    return value

@@ -1,0 +1,124 @@
+"""The pass manager: runs passes in order and calls the instrument hooks around each one.
+
+It knows nothing of timing, dumps, bisection or verification: those are built-in plugins
+(``graphopt.instruments``) implementing ``graphopt_before_pass`` / ``graphopt_after_pass`` /
+``graphopt_pass_failed``, loaded like any other plugin. What the manager itself guarantees:
+
+- ``requires`` before and ``ensures`` after each pass, plus ``graph.lint()`` and a fresh shape
+  propagation (structural verification);
+- provenance: every node a pass creates or rewrites in place is stamped with the pass's name;
+- fixpoint passes are rerun until they stop changing the graph (bounded by ``max_iterations``);
+- a pass that raises becomes a :class:`PassError` naming the pass and the passes before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from graphopt.errors import GraphoptError, PassError, VerificationError
+from graphopt.ir.graph_ir import PROVENANCE, GraphIR
+from graphopt.passes.base import Pass, PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+
+class StopPipeline(Exception):  # noqa: N818 - control flow, not an error
+    """Raised by a ``graphopt_before_pass`` hook to end the pipeline before the current pass."""
+
+
+def _snapshot(ir: GraphIR) -> dict[int, tuple[Any, str]]:
+    return {id(n): (n.target, repr(n.args) + repr(n.kwargs)) for n in ir.graph.nodes}
+
+
+def _stamp(ir: GraphIR, before: dict[int, tuple[Any, str]], name: str) -> int:
+    touched = 0
+    for n in ir.graph.nodes:
+        old = before.get(id(n))
+        if old is None or old != (n.target, repr(n.args) + repr(n.kwargs)):
+            if n.op not in ("placeholder", "output"):
+                n.meta[PROVENANCE] = name
+                touched += 1
+    return touched
+
+
+class PassManager:
+    def __init__(self, passes: list[Pass], hook: Any = None):
+        self.passes = passes
+        if hook is None:
+            from graphopt.plugins import get_plugin_manager
+
+            hook = get_plugin_manager().hook
+        self.hook = hook
+
+    def run(self, ir: GraphIR, ctx: PassContext) -> GraphIR:
+        ctx.passes = self.passes
+        for i, p in enumerate(self.passes):
+            ctx.index = i
+            try:
+                self.hook.graphopt_before_pass(pass_=p, ir=ir, ctx=ctx)
+            except StopPipeline:
+                log.info("pipeline stopped before pass %d (%s)", i + 1, p.name)
+                break
+            try:
+                result = self._run_one(p, ir, ctx)
+                self.hook.graphopt_after_pass(pass_=p, ir=result.ir, result=result, ctx=ctx)
+            except BaseException as e:
+                self._failed(p, ir, e, ctx)
+                if isinstance(e, (GraphoptError, KeyboardInterrupt)):
+                    raise
+                before = ", ".join(ctx.passes_before) or "none"
+                raise PassError(f"pass {p.name!r} (#{i + 1}) raised {type(e).__name__}: {e}\n"
+                                f"  passes before it: {before}\n"
+                                f"  fix the pass, or leave it out of the pipeline") from e
+            ir = result.ir
+        return ir
+
+    def _run_one(self, p: Pass, ir: GraphIR, ctx: PassContext) -> PassResult:
+        p.requires(ir)
+        stats: dict[str, Any] = {}
+        changed_any = False
+        iterations = 0
+        t0 = time.perf_counter()
+        while True:
+            iterations += 1
+            before = _snapshot(ir)
+            result = p.run(ir, ctx)
+            if not isinstance(result, PassResult):
+                raise PassError(f"pass {p.name!r} returned {type(result).__name__}; "
+                                "run() must return graphopt.PassResult(ir, changed, stats)")
+            ir = result.ir
+            if result.changed:
+                _stamp(ir, before, p.name)
+            for k, v in result.stats.items():
+                stats[k] = stats.get(k, 0) + v if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            changed_any |= result.changed
+            if not (p.fixpoint and result.changed) or iterations >= p.max_iterations:
+                break
+        if p.fixpoint:
+            stats["iterations"] = iterations
+        try:
+            ir.recompile()
+        except Exception as e:
+            raise PassError(f"pass {p.name!r} left an invalid graph: {e}") from e
+        if changed_any:
+            ir.propagate_shapes()
+        p.ensures(ir)
+        log.debug("pass %s: changed=%s in %.3fs", p.name, changed_any, time.perf_counter() - t0)
+        return PassResult(ir, changed_any, stats)
+
+    def _failed(self, p: Pass, ir: GraphIR, error: BaseException, ctx: PassContext) -> None:
+        try:
+            self.hook.graphopt_pass_failed(pass_=p, ir=ir, error=error, ctx=ctx)
+        except Exception:  # never hide the original error
+            log.exception("a graphopt_pass_failed hook raised")
+
+
+def run_passes(ir: GraphIR, passes: list[Pass], ctx: PassContext | None = None) -> GraphIR:
+    """Run ``passes`` on ``ir`` with the loaded plugins' instruments."""
+    ctx = ctx or PassContext(original=ir.copy())
+    return PassManager(passes).run(ir, ctx)
+
+
+__all__ = ["PassManager", "StopPipeline", "run_passes", "VerificationError"]

@@ -1,0 +1,1 @@
+"""Runtime: Engine (load + call + generate) and one runner per backend."""

@@ -1,0 +1,173 @@
+"""graphopt.load(dir) → Engine: validate the artifact, pick its runner, call it like the model.
+
+Loading checks the manifest (format, schema version, required keys) and the sha256 of every
+payload file BEFORE any payload is deserialized, and refuses with an :class:`ArtifactError` that
+says what to do. Calls validate inputs (names, dtypes, ranks, static dims, dynamic ranges) against
+the manifest so a bad input gets a clear message, not an error from deep inside a runtime.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from graphopt.artifact import read_manifest, verify_checksums
+from graphopt.errors import ArtifactError, InputError, UnknownBackendError
+from graphopt.ir.graph_ir import TensorSpec, dtype_from_name
+from graphopt.ir.structure import unflatten
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
+              "int32": np.int32, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+
+
+class Engine:
+    """A loaded artifact. ``engine(*inputs, **kw_inputs)`` returns the original module's outputs
+    (tensor / tuple / dict) as torch tensors. Thread-safe for concurrent calls."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], runner: Any):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.runner = runner
+        self.inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
+        self.outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
+        self._lock = threading.Lock()
+
+    @property
+    def target(self) -> str:
+        return self.manifest["target"]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
+
+    def __repr__(self) -> str:
+        ins = ", ".join(str(s) for s in self.inputs)
+        return f"Engine({str(self.path)!r}, target={self.target!r}, inputs=[{ins}])"
+
+    # -- calling -------------------------------------------------------------------------
+    def bind(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """Positional and keyword inputs → flat list in manifest order, validated."""
+        names = self.input_names
+        if len(args) > len(names):
+            raise InputError(f"got {len(args)} positional inputs but the artifact takes {len(names)}: {names}")
+        bound: dict[str, Any] = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k not in names:
+                raise InputError(f"unknown input {k!r}; the artifact takes {names}")
+            if k in bound:
+                raise InputError(f"input {k!r} given both positionally and by keyword")
+            bound[k] = v
+        missing = [n for n in names if n not in bound]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the artifact takes {names}")
+        return [self._check(spec, bound[spec.name]) for spec in self.inputs]
+
+    def _check(self, spec: TensorSpec, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            want = dtype_from_name(spec.dtype)
+            if value.dtype != want:
+                value = _cast(spec, value, value.dtype.is_floating_point, want)
+            shape = tuple(value.shape)
+        else:
+            arr = np.asarray(value)
+            want_np = _NP_DTYPES.get(spec.dtype)
+            if want_np is not None and arr.dtype != want_np:
+                arr = _cast(spec, arr, np.issubdtype(arr.dtype, np.floating), want_np)
+            value, shape = arr, arr.shape
+        if len(shape) != len(spec.shape):
+            raise InputError(f"input {spec.name!r} has rank {len(shape)} (shape {shape}) but the artifact expects "
+                             f"rank {len(spec.shape)} ({spec})")
+        for d, (size, want_size) in enumerate(zip(shape, spec.shape)):
+            if d in spec.dynamic:
+                lo, hi = spec.dynamic[d]
+                if not lo <= size <= hi:
+                    raise InputError(f"input {spec.name!r} dim {d} is {size}, outside its compiled dynamic range "
+                                     f"[{lo}, {hi}]; recompile with a wider --dynamic range")
+            elif isinstance(want_size, int) and size != want_size:
+                raise InputError(f"input {spec.name!r} dim {d} is {size} but the artifact was compiled for {want_size} "
+                                 f"({spec}); recompile with that dim dynamic")
+        return value
+
+    def run_flat(self, flat: list[Any]) -> list[torch.Tensor]:
+        return self.runner.run(flat)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat = self.bind(*args, **kwargs)
+        outs = self.runner.run(flat)
+        return unflatten(self.manifest["out_structure"], list(outs))
+
+    # -- examples ------------------------------------------------------------------------
+    def example_inputs(self) -> dict[str, np.ndarray]:
+        return _read_npz(self.path / self.manifest.get("examples", {}).get("inputs", "example_inputs.npz"))
+
+    def expected_outputs(self) -> dict[str, np.ndarray]:
+        return _read_npz(self.path / self.manifest.get("examples", {}).get("outputs", "expected_outputs.npz"))
+
+    # -- generation ----------------------------------------------------------------------
+    def generate(self, ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
+                 eos_token_id: int | None = None, attention_mask: Any = None, seed: int | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled decoding; returns prompt + new tokens [B, T + n]."""
+        out = None
+        for out in self.stream(ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                               eos_token_id=eos_token_id, attention_mask=attention_mask, seed=seed):
+            pass
+        return out if out is not None else torch.as_tensor(np.asarray(ids)).long()
+
+    def stream(self, ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
+               eos_token_id: int | None = None, attention_mask: Any = None, seed: int | None = None
+               ) -> Iterator[torch.Tensor]:
+        """Yield the growing sequence after every new token.
+
+        Artifacts without a KV cache recompute the whole prefix each step (correct, O(T^2));
+        compile with the ``kv-cache`` pass for the cached path.
+        """
+        from graphopt.runtime.generation import stream_full_prefix
+
+        yield from stream_full_prefix(self, ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                                      eos_token_id=eos_token_id, attention_mask=attention_mask, seed=seed)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def _cast(spec: TensorSpec, value: Any, is_float: bool, want: Any) -> Any:
+    want_float = spec.dtype.startswith(("float", "bfloat"))
+    if is_float != want_float:
+        kind = "floating-point" if want_float else ("boolean" if spec.dtype == "bool" else "integer")
+        raise InputError(f"input {spec.name!r} must be {kind} ({spec.dtype}), got {getattr(value, 'dtype', type(value))}")
+    return value.to(want) if isinstance(value, torch.Tensor) else value.astype(want)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing from the artifact")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load(path: str | Path, **options: Any) -> Engine:
+    """Load an artifact directory written by ``graphopt.compile`` / ``graphopt compile``.
+
+    ``options`` go to the backend's runner (e.g. ``providers=[...]``, ``threads=2`` for ONNX
+    Runtime, ``device="cuda"`` for torch).
+    """
+    p = Path(path)
+    manifest = read_manifest(p)
+    verify_checksums(p, manifest)
+    from graphopt.plugins import get_plugin_manager
+
+    try:
+        backend = get_plugin_manager().backend(manifest["target"])
+    except UnknownBackendError:
+        raise ArtifactError(f"artifact {p} needs target {manifest['target']!r}, which no installed plugin "
+                            "provides; install the plugin that built it") from None
+    runner = backend.load(p, manifest, **options)
+    return Engine(p, manifest, runner)

@@ -1,0 +1,202 @@
+"""Runs graphs on verification inputs and checks each pass against the ORIGINAL graph.
+
+The original's outputs are computed once; each pass is compared against them with its policy,
+and against the previous pass's outputs (for the report). When a check fails, the first
+diverging node is located by running both graphs node by node.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.fx
+
+from graphopt.ir.graph_ir import PROVENANCE, GraphIR, op_name
+from graphopt.verify.policies import Evidence, Outcome, Policy, max_abs_error
+
+log = logging.getLogger(__name__)
+
+
+def make_verification_inputs(ir: GraphIR, n_random: int = 1, seed: int = 0) -> list[list[torch.Tensor]]:
+    """The example inputs plus ``n_random`` fresh random sets (never zeros).
+
+    Random sets vary every dynamic dim within its range (so dynamic shapes are exercised), draw
+    token-like integer inputs from the example's value range, keep mask-like inputs (only 0/1
+    values) as all-ones, and draw float inputs from a normal with the example's mean and std.
+    """
+    sets = [list(ir.example_inputs)]
+    g = torch.Generator().manual_seed(seed)
+    for k in range(n_random):
+        sizes: dict[str, int] = {}
+        for spec, ex in zip(ir.inputs, ir.example_inputs):
+            for d, (lo, hi) in spec.dynamic.items():
+                label = spec.shape[d] if isinstance(spec.shape[d], str) else f"{spec.name}.{d}"
+                if label not in sizes:
+                    cur = int(ex.shape[d])
+                    choices = [s for s in (cur + 3 + k, cur - 3 - k, cur + 1, hi, lo) if lo <= s <= hi and s != cur and s >= 2]
+                    sizes[label] = choices[0] if choices else cur
+        new = []
+        for spec, ex in zip(ir.inputs, ir.example_inputs):
+            shape = list(ex.shape)
+            for d in spec.dynamic:
+                label = spec.shape[d] if isinstance(spec.shape[d], str) else f"{spec.name}.{d}"
+                shape[d] = sizes[label]
+            new.append(_random_like(ex, shape, g))
+        sets.append(new)
+    return sets
+
+
+def _random_like(ex: torch.Tensor, shape: list[int], g: torch.Generator) -> torch.Tensor:
+    if ex.is_floating_point():
+        std = float(ex.float().std()) if ex.numel() > 1 else 1.0
+        mean = float(ex.float().mean()) if ex.numel() else 0.0
+        return (torch.randn(shape, generator=g) * (std if std > 0 else 1.0) + mean).to(ex.dtype)
+    if ex.dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    values = torch.unique(ex)
+    if values.numel() <= 2 and set(values.tolist()) <= {0, 1}:
+        # mask-like (attention_mask, token_type_ids): keep the example's values where they fit
+        fill = int(values.max()) if values.numel() else 1
+        out = torch.full(shape, fill, dtype=ex.dtype)
+        if values.numel() == 1:
+            return out
+        return torch.ones(shape, dtype=ex.dtype)
+    lo, hi = int(ex.min()), int(ex.max())
+    return torch.randint(lo, hi + 1, shape, generator=g, dtype=ex.dtype)
+
+
+_LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _up(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.dtype in _LOW_PRECISION:
+        return x.double()
+    if isinstance(x, torch.dtype) and x in _LOW_PRECISION:
+        return torch.float64
+    if isinstance(x, (list, tuple)):
+        return type(x)(_up(v) for v in x)
+    return x
+
+
+class _Float64Interpreter(torch.fx.Interpreter):
+    """Runs a graph with every floating tensor, parameter and dtype argument promoted to float64."""
+
+    def get_attr(self, target, args, kwargs):
+        return _up(super().get_attr(target, args, kwargs))
+
+    def call_function(self, target, args, kwargs):
+        return super().call_function(target, _up(args), {k: _up(v) for k, v in kwargs.items()})
+
+    def call_method(self, target, args, kwargs):
+        return super().call_method(target, _up(args), {k: _up(v) for k, v in kwargs.items()})
+
+
+def run_float64(ir: GraphIR, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    try:
+        with torch.no_grad():
+            out = _Float64Interpreter(ir.graph_module).run(*[_up(x) for x in inputs])
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+    except Exception as e:
+        log.debug("fp64 reference run failed (%s); falling back to fp32 reference", e)
+        return None
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.values[n.name] = out.detach()
+        return out
+
+
+def record_values(ir: GraphIR, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    rec = _Recorder(ir.graph_module)
+    with torch.no_grad():
+        rec.run(*inputs)
+    return rec.values
+
+
+def first_divergence(original: GraphIR, candidate: GraphIR, inputs: list[torch.Tensor],
+                     rtol: float = 1e-4, atol: float = 1e-4, pass_name: str | None = None) -> dict | None:
+    """The first node (in the candidate's order) whose value differs from the original node of the
+    same name beyond tolerance; else the first node the failing pass created."""
+    try:
+        a = record_values(original, inputs)
+        b = record_values(candidate, inputs)
+    except Exception as e:
+        return {"node": None, "message": f"could not run graphs node by node: {e}"}
+    for n in candidate.graph.nodes:
+        if n.op not in ("call_function", "call_method", "call_module") or n.name not in a or n.name not in b:
+            continue
+        x, y = a[n.name], b[n.name]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return _describe(n, f"shape/dtype changed: {tuple(x.shape)} {x.dtype} -> {tuple(y.shape)} {y.dtype}", math.inf)
+        if x.is_floating_point():
+            close = torch.allclose(y.double(), x.double(), rtol=rtol, atol=atol, equal_nan=True)
+        else:
+            close = torch.equal(x, y)
+        if not close:
+            err = float((x.double() - y.double()).abs().nan_to_num(nan=math.inf).max()) if x.numel() else 0.0
+            return _describe(n, "differs from the original node of the same name", err)
+    for n in candidate.graph.nodes:
+        if pass_name and n.meta.get(PROVENANCE) == pass_name and n.op != "get_attr":
+            return _describe(n, f"created by {pass_name!r}; no original node to compare with", None)
+    return None
+
+
+def _describe(n: torch.fx.Node, why: str, err: float | None) -> dict:
+    return {"node": n.name, "op": op_name(n), "format": n.format_node(), "why": why,
+            "provenance": n.meta.get(PROVENANCE, "capture"), "max_abs_error": err,
+            "stack_trace": (n.meta.get("stack_trace") or "").strip().splitlines()[-2:]}
+
+
+class Verifier:
+    """Holds the original graph's outputs on the verification inputs; checks candidates."""
+
+    def __init__(self, original: GraphIR, input_sets: list[list[torch.Tensor]]):
+        self.original = original
+        self.input_sets = input_sets
+        self.original_outputs = [original.run(inp) for inp in input_sets]
+        self.previous = self.original_outputs
+        self._ref64: list[list[torch.Tensor]] | None = None
+        self._ref64_done = False
+
+    def reference64(self) -> list[list[torch.Tensor]] | None:
+        if not self._ref64_done:
+            self._ref64_done = True
+            refs = [run_float64(self.original, inp) for inp in self.input_sets]
+            self._ref64 = None if any(r is None for r in refs) else refs
+        return self._ref64
+
+    def check(self, ir: GraphIR, policy: Policy) -> tuple[Outcome, dict]:
+        candidate = [ir.run(inp) for inp in self.input_sets]
+        names = self.original.output_names
+        ev = Evidence(output_names=names, original=self.original_outputs, candidate=candidate,
+                      reference64=self.reference64, original_ir=self.original, candidate_ir=ir,
+                      inputs=self.input_sets)
+        outcome = policy.check(ev)
+        same_arity = all(len(a) == len(b) for a, b in zip(self.original_outputs, candidate))
+        err_orig = max_abs_error(self.original_outputs, candidate, names)[0] if same_arity else None
+        err_prev = max_abs_error(self.previous, candidate, names)[0] if same_arity else None
+        record = {"policy": policy.describe(), "passed": outcome.passed, "message": outcome.message,
+                  "worst_output": outcome.worst_output, "error_vs_original": _finite(err_orig),
+                  "error_vs_previous": _finite(err_prev), "figures": {k: _finite(v) for k, v in outcome.figures.items()},
+                  "input_sets": len(self.input_sets)}
+        if outcome.passed:
+            self.previous = candidate
+        return outcome, record
+
+
+def _finite(x: float | None) -> float | str | None:
+    if x is None:
+        return None
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return str(x)
+    return x
