@@ -1,0 +1,61 @@
+"""The ``torch`` target: the optimized graph as a ``torch.export`` program (``model.pt2``).
+
+The program is the optimized GraphIR re-exported with its dynamic dims
+(:func:`graphopt.backends.export.export_program`) and written by ``torch.export.save``. It runs
+wherever the same torch version runs, with no ONNX translation in between: the reference target
+for checking the other backends, and the one that keeps custom ops a pass may insert.
+
+Loading goes through :class:`graphopt.runtime.torch_runner.TorchRunner`, which refuses archives
+that would make ``torch.export.load`` unpickle anything (see that module).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from graphopt.backends.base import Backend, Lowered
+from graphopt.errors import ArtifactError, BackendError
+
+if TYPE_CHECKING:
+    from graphopt.ir.graph_ir import GraphIR
+    from graphopt.runtime.torch_runner import TorchRunner
+
+MODEL_FILE = "model.pt2"
+
+
+class TorchBackend(Backend):
+    """torch.export program (.pt2) run by PyTorch.
+
+    Options (``load``): ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``; default: CUDA when torch
+    sees a GPU, else CPU). Outputs come back on that device.
+    """
+
+    name = "torch"
+
+    def lower(self, ir: GraphIR, out_dir: Path, options: dict[str, Any]) -> Lowered:
+        import torch
+
+        from graphopt.backends.export import export_program
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ep = export_program(ir)
+        path = out_dir / MODEL_FILE
+        try:
+            torch.export.save(ep, path)
+        except Exception as e:
+            raise BackendError(f"torch.export.save could not write {path}: {type(e).__name__}: {e}") from e
+        return Lowered(files=[MODEL_FILE],
+                       payload={"format": "pt2", "file": MODEL_FILE, "torch": torch.__version__})
+
+    def load(self, artifact_dir: Path, manifest: dict[str, Any], device: str | None = None,
+             **_: Any) -> TorchRunner:
+        from graphopt.runtime.torch_runner import TorchRunner
+
+        payload = manifest["payload"] if isinstance(manifest.get("payload"), dict) else manifest
+        file = payload.get("file", MODEL_FILE)
+        if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+            raise ArtifactError(f"manifest names torch program {file!r}; it must be a file name inside the "
+                                "artifact directory")
+        return TorchRunner(Path(artifact_dir) / file, device=device)

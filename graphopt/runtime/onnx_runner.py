@@ -1,0 +1,121 @@
+"""Runs an ONNX payload with ONNX Runtime.
+
+Provider choice: CUDA when this onnxruntime build has the CUDA execution provider *and* torch sees
+a GPU (onnxruntime-gpu on a machine without a usable GPU would otherwise fail at the first run),
+else CPU. Graph optimizations are at ``ORT_ENABLE_ALL``: ONNX Runtime's own fusions (attention,
+layer norm, GELU) come on top of graphopt's passes.
+
+Thread safety: ``InferenceSession.run`` may be called from several threads at once, and the runner
+keeps no mutable state of its own, so one runner serves concurrent requests.
+
+Loading reads protobuf (and raw external-data bytes) only; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from graphopt.backends.base import Runner
+from graphopt.errors import ArtifactError, InputError
+
+log = logging.getLogger(__name__)
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def default_providers() -> list[str]:
+    """CUDA then CPU where both onnxruntime and torch can use a GPU; CPU otherwise."""
+    import onnxruntime as ort
+
+    if CUDA_PROVIDER in ort.get_available_providers() and torch.cuda.is_available():
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+class OnnxRuntimeRunner(Runner):
+    """An ``onnxruntime.InferenceSession`` over ``model.onnx``.
+
+    Args:
+        model_path: the ``.onnx`` file (its external data file, if any, beside it).
+        providers: execution providers in priority order (default: :func:`default_providers`).
+        threads: intra-op thread count (default: ONNX Runtime's choice, one per physical core).
+    """
+
+    def __init__(self, model_path: str | Path, *, providers: Sequence[str] | None = None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise ArtifactError(f"ONNX model {self.model_path} does not exist; the artifact directory is "
+                                "incomplete: compile the model again")
+        available = ort.get_available_providers()
+        wanted = list(providers) if providers else default_providers()
+        unknown = [p for p in wanted if p not in available]
+        if unknown:
+            raise ArtifactError(f"execution provider(s) {unknown} are not in this onnxruntime build "
+                                f"({ort.__version__}); available: {available}")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            if int(threads) < 0:
+                raise InputError(f"threads must be >= 0 (0: onnxruntime's default), got {threads}")
+            opts.intra_op_num_threads = int(threads)
+        opts.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=wanted)
+        except Exception as e:  # onnxruntime raises its own pybind exception types
+            raise ArtifactError(
+                f"onnxruntime {ort.__version__} could not load {self.model_path}: "
+                f"{type(e).__name__}: {_first_line(str(e))}. The file is damaged or was built for a newer "
+                "onnxruntime (IR version / opset); compile it again with this environment") from e
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.providers = self.session.get_providers()
+        self.device = "cuda" if self.providers and self.providers[0] == CUDA_PROVIDER else "cpu"
+
+    def run(self, inputs: list[Any]) -> list[torch.Tensor]:
+        """Run on flat inputs in manifest order (torch tensors or numpy arrays); outputs as torch
+        tensors on the CPU."""
+        if len(inputs) != len(self.input_names):
+            raise InputError(f"the ONNX model takes {len(self.input_names)} inputs "
+                             f"({', '.join(self.input_names)}), got {len(inputs)}")
+        feed = {name: _to_numpy(name, x) for name, x in zip(self.input_names, inputs)}
+        try:
+            outs = self.session.run(self.output_names, feed)
+        except Exception as e:
+            if type(e).__name__ == "InvalidArgument":  # wrong dtype, rank or static size
+                raise InputError(f"onnxruntime rejected the inputs: {_first_line(str(e))}") from e
+            raise
+        return [torch.from_numpy(np.ascontiguousarray(o)) if isinstance(o, np.ndarray) else torch.as_tensor(o)
+                for o in outs]
+
+    def close(self) -> None:
+        # Dropping the session frees its memory (and the mapped external-data file).
+        self.session = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"OnnxRuntimeRunner({self.model_path.name}, providers={self.providers})"
+
+
+def _to_numpy(name: str, x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bfloat16:
+            raise InputError(f"input {name!r} is bfloat16, which numpy cannot hold; pass it as float32 "
+                             "or use the tensorrt/torch target")
+        return x.detach().cpu().contiguous().numpy()
+    raise InputError(f"input {name!r} is a {type(x).__name__}; pass a torch tensor or a numpy array")
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
