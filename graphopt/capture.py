@@ -131,7 +131,10 @@ def capture(module: torch.nn.Module, example_inputs: Any, dynamic: DynamicSpec |
     dims, ranges, dim_names = _dims_for(names, values, dynamic)
     if module.training:
         log.info("capturing %s in eval mode", type(module).__name__)
-        module.eval()
+        try:
+            module.eval()
+        except NotImplementedError:  # modules unlifted from an ExportedProgram are already inference graphs
+            pass
 
     with torch.no_grad():
         try:

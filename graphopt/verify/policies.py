@@ -105,7 +105,7 @@ class Exact(Policy):
                                           f"{tuple(x.shape)} {x.dtype} -> {tuple(y.shape)} {y.dtype}", name)
                 if not torch.equal(torch.nan_to_num(x, nan=0.0) if x.is_floating_point() else x,
                                    torch.nan_to_num(y, nan=0.0) if y.is_floating_point() else y):
-                    err, _ = max_abs_error([[x]], [[y]], [name])
+                    err, _ = max_abs_error(ev.original, ev.candidate, ev.output_names)
                     return Outcome(False, f"output {name!r} is not bit-identical (max abs error {err:.3g})",
                                    name, {"max_abs_error": err})
         return Outcome(True, "bit-identical", figures={"max_abs_error": 0.0})
