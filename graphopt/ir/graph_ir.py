@@ -264,7 +264,7 @@ def _fmt_arg(a: Any) -> str:
         inner = ", ".join(_fmt_arg(x) for x in a)
         return f"[{inner}]"
     if isinstance(a, float):
-        return f"{a:.6g}"
+        return repr(a) if len(repr(a)) <= 12 else f"{a:.6g}"
     return repr(a) if not isinstance(a, torch.dtype) else dtype_name(a)
 
 
@@ -277,7 +277,9 @@ def _delete_unused_attributes(gm: torch.fx.GraphModule) -> None:
         for i in range(1, len(parts) + 1):
             used_prefixes.add(".".join(parts[:i]))
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if name not in used_prefixes:
+        # a call_module node uses every parameter of its submodule (symbolic_trace graphs)
+        parts = name.split(".")
+        if name not in used_prefixes and not any(".".join(parts[:i]) in used for i in range(1, len(parts))):
             _delattr_path(gm, name)
     for attr in list(vars(gm).keys()):
         # plain tensor constants (torch.export lifts some as attributes, not buffers)

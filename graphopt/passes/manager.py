@@ -43,6 +43,21 @@ def _stamp(ir: GraphIR, before: dict[int, tuple[Any, str]], name: str) -> int:
     return touched
 
 
+def _merge_stats(into: dict[str, Any], new: dict[str, Any]) -> None:
+    """Accumulate a fixpoint pass's stats over iterations: numbers add up, dicts merge, the rest
+    keeps the last value."""
+    for k, v in new.items():
+        old = into.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(old, (int, float)):
+            into[k] = old + v
+        elif isinstance(v, dict) and isinstance(old, dict):
+            merged = dict(old)
+            _merge_stats(merged, v)
+            into[k] = merged
+        else:
+            into[k] = v
+
+
 class PassManager:
     def __init__(self, passes: list[Pass], hook: Any = None):
         self.passes = passes
@@ -91,8 +106,7 @@ class PassManager:
             ir = result.ir
             if result.changed:
                 _stamp(ir, before, p.name)
-            for k, v in result.stats.items():
-                stats[k] = stats.get(k, 0) + v if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            _merge_stats(stats, result.stats)
             changed_any |= result.changed
             if not (p.fixpoint and result.changed) or iterations >= p.max_iterations:
                 break
