@@ -28,10 +28,12 @@ def _plugin_of(pass_) -> str | None:
     return info.plugin if info else None
 
 
-@hookimpl(tryfirst=True)
+@hookimpl(wrapper=True)
 def graphopt_before_pass(pass_, ir, ctx):
     if ctx.pass_limit is not None and ctx.index >= ctx.pass_limit:
         raise StopPipeline
+    # a wrapper, so the pass is recorded only once no other plugin's hook stopped the pipeline
+    results = yield
     if ctx.report is not None:
         ctx.report.start_pass(pass_, ctx.index, ir, _plugin_of(pass_))
     if ctx.progress:
@@ -39,6 +41,7 @@ def graphopt_before_pass(pass_, ir, ctx):
     ctx.data[_T0] = time.perf_counter()
     ctx.rewrites = 0
     ctx.data["_last_rewrites"] = []
+    return results
 
 
 @hookimpl(tryfirst=True)

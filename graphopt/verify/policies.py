@@ -74,6 +74,14 @@ def _abs_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(d.max()) if d.numel() else 0.0
 
 
+def _equal_nan(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """``torch.equal`` where NaN equals NaN (and only NaN; infinities stay infinities)."""
+    if not x.is_floating_point():
+        return torch.equal(x, y)
+    nx, ny = torch.isnan(x), torch.isnan(y)
+    return torch.equal(nx, ny) and torch.equal(x.masked_fill(nx, 0.0), y.masked_fill(ny, 0.0))
+
+
 class Policy:
     """Base class. ``check`` returns an :class:`Outcome`; ``tolerance`` is the allclose tolerance
     used to locate the first diverging node when the check fails."""
@@ -103,8 +111,7 @@ class Exact(Policy):
                 if x.shape != y.shape or x.dtype != y.dtype:
                     return Outcome(False, f"output {name!r} changed shape/dtype: "
                                           f"{tuple(x.shape)} {x.dtype} -> {tuple(y.shape)} {y.dtype}", name)
-                if not torch.equal(torch.nan_to_num(x, nan=0.0) if x.is_floating_point() else x,
-                                   torch.nan_to_num(y, nan=0.0) if y.is_floating_point() else y):
+                if not _equal_nan(x, y):
                     err, _ = max_abs_error(ev.original, ev.candidate, ev.output_names)
                     return Outcome(False, f"output {name!r} is not bit-identical (max abs error {err:.3g})",
                                    name, {"max_abs_error": err})
@@ -260,7 +267,8 @@ class Equivalence(Policy):
             return Outcome(bool(res[0]), str(res[1]))
         if isinstance(res, dict):
             return Outcome(bool(res.get("passed")), str(res.get("message", "")),
-                           figures={k: v for k, v in res.items() if isinstance(v, (int, float))})
+                           figures={k: v for k, v in res.items()
+                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
         return Outcome(bool(res), self.description or getattr(self.fn, "__name__", "equivalence"))
 
     def describe(self) -> str:
