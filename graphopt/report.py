@@ -75,11 +75,17 @@ def _fmt_err(x: Any) -> str:
     return "0" if x == 0 else f"{x:.2e}"
 
 
+def _fmt_stats(stats: dict[str, Any]) -> str:
+    """Scalar stats as ``k=v`` (dict-valued details stay in report.json)."""
+    return " ".join(f"{k}={v}" for k, v in stats.items()
+                    if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k != "iterations")
+
+
 def format_table(data: dict[str, Any]) -> str:
     """The per-pass verification report as a fixed-width text table."""
-    rows = [("#", "pass", "nodes", "time", "policy", "err vs orig", "err vs prev", "result")]
+    rows = [("#", "pass", "nodes", "time", "policy", "err vs orig", "err vs prev", "result", "stats")]
     orig = data.get("original") or {}
-    rows.append(("0", "capture", str(orig.get("nodes", "")), "", "", "", "", orig.get("capture") or ""))
+    rows.append(("0", "capture", str(orig.get("nodes", "")), "", "", "", "", orig.get("capture") or "", ""))
     for r in data.get("passes", []):
         v = r.get("verify") or {}
         nodes = f"{r.get('nodes_before')}→{r.get('nodes_after', '?')}"
@@ -87,14 +93,15 @@ def format_table(data: dict[str, Any]) -> str:
         result = "ok" if v.get("passed") else ("FAILED" if v.get("passed") is False else
                                                 ("skipped" if r.get("time_s") is None else "not verified"))
         rows.append((str(r["index"]), r["spec"], nodes, t, v.get("policy", "-"),
-                     _fmt_err(v.get("error_vs_original")), _fmt_err(v.get("error_vs_previous")), result))
+                     _fmt_err(v.get("error_vs_original")), _fmt_err(v.get("error_vs_previous")), result,
+                     _fmt_stats(r.get("stats") or {})))
     low = data.get("lowering")
     if low:
         v = low.get("verify") or {}
         t = f"{low['time_s']:.2f}s" if low.get("time_s") is not None else ""
         result = "ok" if v.get("passed") else ("FAILED" if v.get("passed") is False else "not verified")
         rows.append(("→", f"lower:{low.get('target')}", str(low.get("nodes", "")), t, v.get("policy", "-"),
-                     _fmt_err(v.get("error_vs_original")), "", result))
+                     _fmt_err(v.get("error_vs_original")), "", result, ""))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
