@@ -104,7 +104,7 @@ def _dims_for(names: list[str], values: list[torch.Tensor], dynamic: DynamicSpec
                 used.add(label)
                 # torch.export specialises sizes 0 and 1; a range starting at 1 is still served at
                 # run time by the artifact (the ONNX/torch programs take any size in range).
-                by_key[key] = (torch.export.Dim(label, min=max(lo, 2), max=hi), label)
+                by_key[key] = (torch.export.Dim(label, min=lo, max=hi), label)
             d, label = by_key[key]
             dims.setdefault(name, {})[dim] = d
             ranges.setdefault(name, {})[dim] = (lo, hi)

@@ -158,7 +158,8 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
         rep.data["lowering"] = low
         manifest = _manifest(optimized, original, target, lowered, rep, model_spec)
         if verify and lowered.payload.get("runnable", True):
-            low["verify"] = _verify_lowered(backend, w.dir, manifest, verifier, optimized.output_names)
+            low["verify"] = _verify_lowered(backend, w.dir, manifest, verifier, optimized.output_names, optimized)
+            low["notes"] += [f"dynamic range narrowed: {n}" for n in low["verify"].get("narrowed", [])]
             if progress:
                 progress("lowered", record=low)
             if not low["verify"]["passed"]:
@@ -196,7 +197,8 @@ def _manifest(ir: GraphIR, original: GraphIR, target: str, lowered: Any, rep: Re
     }
 
 
-def _verify_lowered(backend, path: Path, manifest: dict, verifier: Verifier | None, names: list[str]) -> dict:
+def _verify_lowered(backend, path: Path, manifest: dict, verifier: Verifier | None, names: list[str],
+                    ir: GraphIR) -> dict:
     runner = backend.load(path, manifest)
     try:
         policy = allclose(rtol=backend.rtol, atol=backend.atol)
@@ -207,11 +209,46 @@ def _verify_lowered(backend, path: Path, manifest: dict, verifier: Verifier | No
         ev = Evidence(output_names=names, original=verifier.original_outputs, candidate=candidate)
         outcome = policy.check(ev)
         err = max_abs_error(verifier.original_outputs, candidate, names)[0]
-        return {"policy": policy.describe(), "passed": outcome.passed, "message": outcome.message,
-                "error_vs_original": err, "worst_output": outcome.worst_output,
-                "input_sets": len(verifier.input_sets)}
+        record = {"policy": policy.describe(), "passed": outcome.passed, "message": outcome.message,
+                  "error_vs_original": err, "worst_output": outcome.worst_output,
+                  "input_sets": len(verifier.input_sets)}
+        if outcome.passed:
+            record["narrowed"] = _probe_minimum_sizes(runner, verifier, ir, manifest, policy)
+        return record
     finally:
         runner.close()
+
+
+def _probe_minimum_sizes(runner, verifier: Verifier, ir: GraphIR, manifest: dict, policy) -> list[str]:
+    """Run the lowered program at the smallest size of each dynamic dim. A program that refuses a
+    size (torch.export guards such as ``batch != 1``) or gets it wrong has that dim's minimum raised
+    in the manifest, so the Engine rejects such inputs with a clear message instead of failing
+    inside the runtime. Returns what was narrowed, for the report."""
+    from graphopt.verify.policies import Evidence
+    from graphopt.verify.verifier import inputs_with_sizes
+
+    labels: dict[str, tuple[int, int]] = {}
+    for spec in ir.inputs:
+        for d, rng in spec.dynamic.items():
+            if isinstance(spec.shape[d], str):
+                labels.setdefault(spec.shape[d], rng)
+    narrowed = []
+    for label, (lo, hi) in labels.items():
+        for size in range(lo, min(lo + 2, hi) + 1):
+            inputs = inputs_with_sizes(ir, {label: size}, seed=size)
+            try:
+                got = [t.detach().cpu() for t in runner.run(inputs)]
+                ok = policy.check(Evidence(ir.output_names, [verifier.original.run(inputs)], [got])).passed
+            except Exception:  # a runtime refusing the size: guards, shape checks
+                ok = False
+            if ok:
+                break
+            narrowed.append(f"{label} >= {size + 1} (the lowered program rejects {label} = {size})")
+            for spec in manifest["inputs"]:
+                for d, rng in spec["dynamic"].items():
+                    if spec["shape"][int(d)] == label and rng[0] <= size:
+                        rng[0] = size + 1
+    return narrowed
 
 
 def _save_examples(d: Path, original: GraphIR) -> None:

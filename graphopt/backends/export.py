@@ -59,7 +59,7 @@ def dynamic_shapes_for(ir: GraphIR) -> tuple[dict[int, torch.export.Dim] | None,
         if hi < 2:  # a range within (0, 1) is no range for torch.export: the dim stays static
             dims[label] = None
             continue
-        dims[label] = torch.export.Dim(_identifier(label), min=max(lo, 2), max=hi)
+        dims[label] = torch.export.Dim(_identifier(label), min=lo, max=hi)
     shapes: list[dict[int, torch.export.Dim] | None] = []
     for spec in ir.inputs:
         per_dim = {d: dims[dim_label(spec.name, d, spec.shape[d] if d < len(spec.shape) else None)]

@@ -49,6 +49,21 @@ def make_verification_inputs(ir: GraphIR, n_random: int = 1, seed: int = 0) -> l
     return sets
 
 
+def inputs_with_sizes(ir: GraphIR, sizes: dict[str, int], seed: int = 0) -> list[torch.Tensor]:
+    """Random inputs like the examples, with the dynamic dims labelled in ``sizes`` set to those
+    sizes (e.g. ``{"batch": 1}``) and every other dim as in the example."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for spec, ex in zip(ir.inputs, ir.example_inputs):
+        shape = list(ex.shape)
+        for d in spec.dynamic:
+            label = spec.shape[d] if isinstance(spec.shape[d], str) else f"{spec.name}.{d}"
+            if label in sizes:
+                shape[d] = sizes[label]
+        out.append(_random_like(ex, shape, g))
+    return out
+
+
 def _random_like(ex: torch.Tensor, shape: list[int], g: torch.Generator) -> torch.Tensor:
     if ex.is_floating_point():
         std = float(ex.float().std()) if ex.numel() > 1 else 1.0
