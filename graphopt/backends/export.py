@@ -6,9 +6,9 @@ the optimized graph is re-exported here with the same dynamic dims as at capture
 
 - one ``torch.export.Dim`` per dim label (``"batch"``, ``"seq"``): dims that carry the same label
   in the input specs must be equal at run time, and export requires them to be the same Dim;
-- ``min=max(lo, 2)``, exactly as :mod:`graphopt.capture` does: torch.export specialises sizes 0
-  and 1, but the program it produces still runs at size 1 (the ranges in the manifest stay
-  ``(lo, hi)``).
+- ``min=lo``: the declared range. torch.export may still guard a size (``batch != 1``); the
+  compiler probes each dim's minimum on the lowered program and narrows the manifest's range when
+  the program refuses it.
 """
 
 from __future__ import annotations

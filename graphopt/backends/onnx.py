@@ -30,7 +30,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from graphopt.backends.base import Backend, Lowered
 from graphopt.backends.export import dim_label, export_program
@@ -68,6 +68,35 @@ ORT_MAX_IR_VERSION: list[tuple[tuple[int, int], int]] = [
     ((1, 24), 12),   # onnx 1.19
     ((1, 31), 13),   # onnx 1.20+; verified
 ]
+
+
+#: Translations of ops that torch.onnx does not know (custom ops that passes insert), registered by
+#: the plugins that define them: op overload → [(lowest opset, onnxscript function)], see
+#: :func:`register_onnx_translation`.
+_TRANSLATIONS: dict[Any, list[tuple[int, Callable[..., Any]]]] = {}
+
+
+def register_onnx_translation(op: Any, function: Callable[..., Any], *, min_opset: int = MIN_OPSET) -> None:
+    """Teach the onnx target to translate ``op`` (e.g. ``torch.ops.graphopt.rotary_embedding.default``).
+
+    ``function`` builds the op's ONNX graph with onnxscript ops (the ``custom_translation_table``
+    contract of ``torch.onnx.export``). An op may have several translations: the one with the
+    highest ``min_opset`` not above the export opset is used (a standard op from opset 23, a
+    decomposition below it). Registering again for the same ``min_opset`` replaces that entry.
+    """
+    entries = _TRANSLATIONS.setdefault(op, [])
+    entries[:] = [(v, f) for v, f in entries if v != min_opset] + [(int(min_opset), function)]
+    entries.sort(key=lambda e: e[0])
+
+
+def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
+    """``custom_translation_table`` for ``torch.onnx.export`` at ``opset``."""
+    table = {}
+    for op, entries in _TRANSLATIONS.items():
+        usable = [f for v, f in entries if v <= opset]
+        if usable:
+            table[op] = usable[-1]
+    return table
 
 
 class OnnxBackend(Backend):
@@ -230,12 +259,13 @@ def to_onnx(ep: Any, ir: GraphIR, opset: int) -> onnx.ModelProto:
             warnings.simplefilter("ignore")
             # An ExportedProgram is translated as it is: args and dynamic_shapes are not used.
             program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False,
-                                        optimize=True, report=False, verify=False)
+                                        optimize=True, report=False, verify=False,
+                                        custom_translation_table=translation_table(opset) or None)
     except Exception as e:
         raise BackendError(f"torch.onnx could not translate the graph to ONNX opset {opset}: "
                            f"{type(e).__name__}: {_first_line(str(e))}\nhint: an op without an ONNX "
-                           "translation (a custom op a pass inserted?) needs a custom_translation_table "
-                           "entry; run with GRAPHOPT_DEBUG=1 for the full error") from e
+                           "translation (a custom op a pass inserted?) needs a translation registered with "
+                           "graphopt.backends.onnx.register_onnx_translation; run with GRAPHOPT_DEBUG=1 for the full error") from e
     finally:
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)

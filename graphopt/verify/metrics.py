@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -38,3 +39,90 @@ def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
     logp = torch.log_softmax(logits.double(), dim=-1)
     nll = -logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     return float(math.exp(float(nll.mean())))
+
+
+def logit_cosine(original: torch.Tensor | None, candidate: torch.Tensor | None) -> float:
+    """Mean cosine similarity of the logit vectors (last dim) of ``original`` and
+    ``candidate``: ``token_cosine(original, candidate)["mean"]``."""
+    return token_cosine(original, candidate)["mean"]
+
+
+def _as_logits(out) -> torch.Tensor:
+    """Logits from what a forward function returned: a tensor, a ``ModelOutput`` / dict with
+    ``"logits"`` (what an HF module or a graphopt Engine gives back), or a tuple (first item)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out:
+        return _as_logits(out[0])
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(f"forward_fn returned {type(out).__name__}; expected logits [B, T, V] (or something holding 'logits')")
+
+
+def heldout_windows(n_tokens: int, window: int, stride: int | None = None) -> list[tuple[int, int]]:
+    """``(start, first_scored)`` for every window :func:`heldout_perplexity` evaluates.
+
+    Window ``k`` starts at ``s = k * stride``: its inputs are ``ids[s : s + window]`` and its
+    targets ``ids[s + 1 : s + window + 1]``. Only full windows are used, so there are
+    ``(n_tokens - 1 - window) // stride + 1`` of them (0 when ``n_tokens <= window``) and
+    the last ``(n_tokens - 1 - window) % stride`` targets are never scored. A window scores
+    the targets from index ``first_scored`` (relative to ``s``) on: every target
+    (``first_scored == 0``) unless windows overlap (``stride < window``), in which case it
+    scores only the last ``stride`` targets, those that the previous window did not score.
+    """
+    stride = window if stride is None else stride
+    if window < 1 or stride < 1:
+        raise ValueError(f"window and stride must be >= 1, got window={window}, stride={stride}")
+    if n_tokens - 1 < window:
+        return []
+    count = (n_tokens - 1 - window) // stride + 1
+    overlap = max(window - stride, 0)
+    return [(k * stride, 0 if k == 0 else overlap) for k in range(count)]
+
+
+def heldout_perplexity(
+    forward_fn,
+    token_ids: torch.Tensor,
+    *,
+    window: int = 128,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+) -> float:
+    """Perplexity of a decoder on held-out text: ``exp(total NLL / scored tokens)``.
+
+    ``forward_fn(ids[B, T]) -> logits[B, T, V]`` (an eager module wrapped in a lambda, a
+    GraphIR's module, a graphopt ``Engine``; a ``ModelOutput`` or dict holding ``"logits"``
+    is accepted too). ``token_ids`` is the held-out stream, 1-D (or ``[1, N]``).
+
+    Windows (see :func:`heldout_windows`): with the default ``stride=window`` they do NOT
+    overlap: window ``k`` feeds ``ids[k*window : (k+1)*window]`` and scores the next-token
+    targets ``ids[k*window+1 : (k+1)*window+1]``, so each target is scored exactly once
+    with 0..window-1 tokens of context from its own window only (no state carries across
+    windows). Only full windows count; ``max_windows`` keeps the first ``max_windows``.
+    Windows are run ``batch_size`` at a time (every row has length ``window``, so no
+    padding and no attention mask). NLL is accumulated in float64.
+    """
+    ids = token_ids.reshape(-1).long()
+    spans = heldout_windows(ids.numel(), window, stride)
+    if max_windows is not None:
+        spans = spans[:max_windows]
+    if not spans:
+        raise ValueError(f"{ids.numel()} held-out tokens are too few for one window of {window} (+1 target)")
+    total_nll, total_count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(spans), batch_size):
+            chunk = spans[i : i + batch_size]
+            batch = torch.stack([ids[s : s + window + 1] for s, _ in chunk])
+            logits = _as_logits(forward_fn(batch[:, :-1]))
+            if tuple(logits.shape[:2]) != (len(chunk), window):
+                raise ValueError(f"forward_fn returned logits {tuple(logits.shape)}; expected [{len(chunk)}, {window}, V]")
+            logp = torch.log_softmax(logits.double(), dim=-1)
+            nll = -logp.gather(-1, batch[:, 1:].unsqueeze(-1)).squeeze(-1)
+            for row, (_, first) in enumerate(chunk):
+                total_nll += float(nll[row, first:].sum())
+                total_count += window - first
+    return math.exp(total_nll / total_count)
