@@ -1,0 +1,434 @@
+"""graphopt.verify: policies on crafted outputs, metrics with known answers, verification inputs,
+the float64 reference run and first-divergence search."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import graphopt
+from graphopt.capture import capture
+from graphopt.verify import metrics
+from graphopt.verify.policies import Evidence, Outcome, max_abs_error
+from graphopt.verify.verifier import Verifier, first_divergence, make_verification_inputs, run_float64
+
+aten = torch.ops.aten
+NAN, INF = float("nan"), float("inf")
+
+
+def ev(original, candidate, names=None, **kw) -> Evidence:
+    """Evidence for one input set; ``original`` / ``candidate`` are lists of output tensors."""
+    names = names or [f"out{i}" for i in range(len(original))]
+    return Evidence(output_names=names, original=[list(original)], candidate=[list(candidate)], **kw)
+
+
+def t(*values, dtype=torch.float32):
+    return torch.tensor(values, dtype=dtype)
+
+
+def ulp_up(x: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(x, torch.full_like(x, INF))
+
+
+# -- exact -----------------------------------------------------------------------------------------
+def test_exact_passes_identical_outputs():
+    x = torch.randn(3, 4)
+    out = graphopt.verify.exact().check(ev([x, torch.arange(3)], [x.clone(), torch.arange(3)]))
+    assert out.passed and out.figures["max_abs_error"] == 0.0
+
+
+def test_exact_fails_on_a_one_ulp_change():
+    x = torch.randn(3, 4)
+    y = x.clone()
+    y[1, 2] = ulp_up(y[1, 2])
+    out = graphopt.verify.exact().check(ev([x], [y], names=["logits"]))
+    assert not out.passed
+    assert out.worst_output == "logits" and "not bit-identical" in out.message
+    assert 0 < out.figures["max_abs_error"] < 1e-6
+
+
+def test_exact_fails_on_dtype_or_shape_change():
+    x = torch.randn(3)
+    assert not graphopt.verify.exact().check(ev([x], [x.double()])).passed
+    assert not graphopt.verify.exact().check(ev([x], [x[:2]])).passed
+
+
+def test_exact_treats_nan_in_both_as_equal_but_not_nan_against_a_number():
+    exact = graphopt.verify.exact()
+    assert exact.check(ev([t(NAN, 1.0)], [t(NAN, 1.0)])).passed
+    assert not exact.check(ev([t(NAN, 1.0)], [t(0.0, 1.0)])).passed
+    assert not exact.check(ev([t(0.0, 1.0)], [t(NAN, 1.0)])).passed
+
+
+def test_exact_keeps_infinities_apart_from_finite_values():
+    big = torch.finfo(torch.float32).max
+    exact = graphopt.verify.exact()
+    assert exact.check(ev([t(INF, -INF)], [t(INF, -INF)])).passed
+    assert not exact.check(ev([t(INF)], [t(big)])).passed
+
+
+def test_exact_integer_outputs():
+    exact = graphopt.verify.exact()
+    assert exact.check(ev([t(1, 2, dtype=torch.int64)], [t(1, 2, dtype=torch.int64)])).passed
+    assert not exact.check(ev([t(1, 2, dtype=torch.int64)], [t(1, 3, dtype=torch.int64)])).passed
+
+
+# -- allclose --------------------------------------------------------------------------------------
+def test_allclose_boundary_is_inclusive():
+    # bound = atol + rtol * |orig| = 0.25 + 0.5 * 1.0 = 0.75, all exactly representable
+    policy = graphopt.verify.allclose(rtol=0.5, atol=0.25)
+    assert policy.check(ev([t(1.0)], [t(1.75)])).passed
+    assert policy.check(ev([t(1.0)], [t(0.25)])).passed
+    out = policy.check(ev([t(1.0)], [ulp_up(t(1.75))], names=["y"]))
+    assert not out.passed and out.worst_output == "y" and "exceeds" in out.message
+    assert policy.tolerance() == (0.5, 0.25)
+    assert policy.describe() == "allclose(rtol=0.5, atol=0.25)"
+
+
+def test_allclose_tolerance_is_relative_to_the_original():
+    policy = graphopt.verify.allclose(rtol=0.5, atol=0.0)
+    assert policy.check(ev([t(4.0)], [t(6.0)])).passed       # |d| = 2 <= 0.5 * 4
+    assert not policy.check(ev([t(2.0)], [t(4.0)])).passed   # |d| = 2 >  0.5 * 2 (not 0.5 * 4)
+
+
+def test_allclose_nan_and_inf_handling():
+    policy = graphopt.verify.allclose()
+    assert policy.check(ev([t(NAN, INF, 1.0)], [t(NAN, INF, 1.0)])).passed
+    assert not policy.check(ev([t(NAN, 1.0)], [t(1.0, 1.0)])).passed
+    assert not policy.check(ev([t(1.0)], [t(NAN)])).passed
+    assert not policy.check(ev([t(INF)], [t(-INF)])).passed
+    assert not policy.check(ev([t(INF)], [t(1e30)])).passed
+
+
+def test_allclose_integer_outputs_must_be_equal():
+    policy = graphopt.verify.allclose(rtol=1.0, atol=1.0)
+    ints = t(1, 2, dtype=torch.int64)
+    assert policy.check(ev([ints], [ints.clone()])).passed
+    out = policy.check(ev([ints], [t(1, 3, dtype=torch.int64)], names=["ids"]))
+    assert not out.passed and "integer output 'ids'" in out.message
+
+
+def test_allclose_reports_the_worst_output():
+    policy = graphopt.verify.allclose(rtol=0, atol=1e-3)
+    out = policy.check(ev([t(1.0), t(1.0)], [t(1.0), t(1.1)], names=["a", "b"]))
+    assert not out.passed and out.worst_output == "b"
+    assert out.figures["max_abs_error"] == pytest.approx(0.1, rel=1e-5)
+
+
+# -- reference (fp64) ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def matmul_case():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(32, 512, generator=g), torch.randn(512, 32, generator=g)
+    ref = a.double() @ b.double()
+    orig = a @ b                       # fp32: accumulation error vs the fp64 reference
+    assert float((orig.double() - ref).abs().max()) > 0
+    return ref, orig
+
+
+def test_reference_passes_the_fp64_result_rounded_to_fp32(matmul_case):
+    ref, orig = matmul_case
+    policy = graphopt.verify.reference(tol=1e-9)
+    out = policy.check(ev([orig], [ref.float()], reference64=lambda: [[ref]]))
+    assert out.passed, out.message
+    assert out.figures["rmse_vs_fp64_candidate"] <= out.figures["rmse_vs_fp64_original"]
+
+
+def test_reference_fails_ten_times_the_original_error(matmul_case):
+    ref, orig = matmul_case
+    worse = (ref + 10 * (orig.double() - ref)).float()
+    out = graphopt.verify.reference(tol=1e-9).check(ev([orig], [worse], names=["y"], reference64=lambda: [[ref]]))
+    assert not out.passed and out.worst_output == "y" and ">" in out.message
+    ratio = out.figures["rmse_vs_fp64_candidate"] / out.figures["rmse_vs_fp64_original"]
+    assert ratio == pytest.approx(10, rel=0.05)
+    # the multiplier is what lets it through
+    assert graphopt.verify.reference(tol=1e-9, multiplier=11).check(
+        ev([orig], [worse], reference64=lambda: [[ref]])).passed
+
+
+def test_reference_without_fp64_run_falls_back_to_allclose():
+    policy = graphopt.verify.reference(tol=1e-3)
+    assert policy.needs_reference64
+    assert policy.check(ev([t(1.0)], [t(1.0005)])).passed
+    assert not policy.check(ev([t(1.0)], [t(1.01)])).passed
+
+
+# -- metric ----------------------------------------------------------------------------------------
+def _logits():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 16, generator=g)
+
+
+def test_metric_cosine_bounds():
+    x = _logits()
+    close = x + 1e-3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    out = graphopt.verify.metric(min_cosine=0.999).check(ev([x], [close], names=["logits"]))
+    assert out.passed and out.figures["worst_cosine"] > 0.999
+    out = graphopt.verify.metric(min_cosine=0.5).check(ev([x], [-x], names=["logits"]))
+    assert not out.passed and "worst_cosine" in out.message and "'logits'" in out.message
+    assert out.figures["worst_cosine"] == pytest.approx(-1.0)
+    assert graphopt.verify.metric(min_mean_cosine=0.999).check(ev([x], [close])).passed
+
+
+def test_metric_top1_bounds():
+    # 4 rows of 3 classes; candidate agrees on the argmax of 3 rows
+    a = t(3, 0, 0, 0, 3, 0, 0, 0, 3, 3, 0, 0).reshape(4, 3)
+    b = t(2, 1, 0, 0, 2, 1, 0, 1, 2, 0, 5, 0).reshape(4, 3)
+    assert graphopt.verify.metric(min_top1=0.75).check(ev([a], [b])).passed
+    out = graphopt.verify.metric(min_top1=0.8).check(ev([a], [b]))
+    assert not out.passed and out.figures["top1_agreement"] == 0.75
+
+
+def test_metric_looks_at_the_named_output_and_custom_fn():
+    x = _logits()
+    noise = torch.zeros(2)
+    policy = graphopt.verify.metric(min_cosine=0.99, output="logits")
+    assert policy.check(ev([noise, x], [noise + 5, x], names=["aux", "logits"])).passed
+    assert not policy.check(ev([noise, x], [noise, -x], names=["aux", "logits"])).passed
+
+    def mse(a, b):
+        return {"mse": float(((a - b) ** 2).mean())}
+
+    custom = graphopt.verify.metric(fn=mse, bounds={"mse": (None, 0.01)})
+    assert custom.check(ev([x], [x + 0.05])).passed
+    out = custom.check(ev([x], [x + 0.5]))
+    assert not out.passed and out.figures["mse"] == pytest.approx(0.25, rel=1e-4)
+
+
+# -- equivalence -----------------------------------------------------------------------------------
+def test_equivalence_with_bool_tuple_dict_and_outcome_results():
+    seen = []
+
+    def fn_bool(orig_ir, cand_ir, inputs):
+        seen.append((orig_ir, cand_ir, inputs))
+        return True
+
+    e = Evidence(output_names=["y"], original=[], candidate=[], original_ir="O", candidate_ir="C", inputs=[["i"]])
+    out = graphopt.verify.equivalence(fn_bool).check(e)
+    assert out.passed and out.message == "fn_bool" and seen == [("O", "C", [["i"]])]
+    assert not graphopt.verify.equivalence(lambda *a: False, "same tokens").check(e).passed
+    assert graphopt.verify.equivalence(lambda *a: False, "same tokens").check(e).message == "same tokens"
+
+    out = graphopt.verify.equivalence(lambda *a: (False, "token 3 differs")).check(e)
+    assert not out.passed and out.message == "token 3 differs"
+
+    out = graphopt.verify.equivalence(lambda *a: {"passed": True, "message": "ok", "tokens": 8, "x": "s"}).check(e)
+    assert out.passed and out.message == "ok" and out.figures == {"tokens": 8}
+    assert not graphopt.verify.equivalence(lambda *a: {"message": "no verdict"}).check(e).passed
+
+    custom = Outcome(False, "custom")
+    assert graphopt.verify.equivalence(lambda *a: custom).check(e) is custom
+    assert graphopt.verify.equivalence(fn_bool).describe() == "equivalence(fn_bool)"
+
+
+def test_max_abs_error_finds_worst_output_and_nan():
+    err, where = max_abs_error([[t(1.0), t(1.0)]], [[t(1.5), t(3.0)]], ["a", "b"])
+    assert (err, where) == (2.0, "b")
+    err, where = max_abs_error([[t(1.0), t(1.0)]], [[t(NAN), t(3.0)]], ["a", "b"])
+    assert math.isnan(err) and where == "a"
+    assert max_abs_error([[t(NAN)]], [[t(NAN)]], ["a"])[0] == 0.0
+    assert max_abs_error([[t(1.0)]], [[t(1.0, 2.0)]], ["a"]) == (math.inf, "a")
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab", [2, 7, 1000])
+def test_perplexity_of_uniform_logits_is_the_vocab_size(vocab):
+    logits = torch.full((2, 5, vocab), 3.25)
+    targets = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(0))
+    assert abs(metrics.perplexity(logits, targets) - vocab) < 1e-9
+
+
+def test_perplexity_of_a_confident_correct_model_is_about_one():
+    targets = torch.tensor([[1, 0, 2]])
+    logits = torch.nn.functional.one_hot(targets, 3).float() * 50
+    assert metrics.perplexity(logits, targets) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_token_cosine_known_answers():
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    same = metrics.token_cosine(x, x.clone())
+    assert same["worst"] == pytest.approx(1.0, abs=1e-12) and same["mean"] == pytest.approx(1.0, abs=1e-12)
+    neg = metrics.token_cosine(x, -x)
+    assert neg["worst"] == pytest.approx(-1.0, abs=1e-12) and neg["mean"] == pytest.approx(-1.0, abs=1e-12)
+    # one orthogonal row among four identical ones
+    a = torch.eye(4)
+    b = a.clone()
+    b[0] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    cos = metrics.token_cosine(a, b)
+    assert cos["worst"] == pytest.approx(0.0) and cos["mean"] == pytest.approx(0.75)
+    assert metrics.token_cosine(torch.zeros(2, 3), torch.zeros(2, 3)) == {"worst": 1.0, "mean": 1.0}
+
+
+def test_top1_agreement_fraction():
+    a = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.5, 0.4]])
+    b = torch.tensor([[0.8, 0.2], [0.9, 0.1], [0.7, 0.3], [0.1, 0.9], [0.1, 0.2]])
+    assert metrics.top1_agreement(a, b) == pytest.approx(3 / 5)
+    assert metrics.top1_agreement(a, a) == 1.0
+    assert metrics.top1_agreement(a.reshape(1, 5, 2), b.reshape(1, 5, 2)) == pytest.approx(3 / 5)
+
+
+# -- verification inputs ---------------------------------------------------------------------------
+class LMish(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8)
+
+    def forward(self, input_ids, attention_mask, features):
+        return self.emb(input_ids) * attention_mask[..., None] + features
+
+
+@pytest.fixture(scope="module")
+def lm_ir():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 20, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    feats = torch.randn(2, 6, 8, generator=g) * 0.1 + 3.0
+    rng = {0: (1, 4), 1: (2, 12)}
+    return capture(LMish(), {"input_ids": ids, "attention_mask": mask, "features": feats},
+                   dynamic={"input_ids": rng, "attention_mask": rng, "features": rng})
+
+
+def test_verification_inputs_start_with_the_example_set(lm_ir):
+    sets = make_verification_inputs(lm_ir, n_random=2)
+    assert len(sets) == 3
+    assert all(a is b for a, b in zip(sets[0], lm_ir.example_inputs))
+
+
+def test_random_sets_vary_dynamic_dims_within_range_and_share_labels(lm_ir):
+    sets = make_verification_inputs(lm_ir, n_random=3)
+    ex_ids = lm_ir.example_inputs[0]
+    seen_shapes = set()
+    for ids, mask, feats in sets[1:]:
+        assert ids.shape == mask.shape == feats.shape[:2]          # "batch" and "seq" are shared
+        assert feats.shape[2] == 8                                  # static dim untouched
+        b, s = ids.shape
+        assert 1 <= b <= 4 and 2 <= s <= 12
+        assert (b, s) != tuple(ex_ids.shape)
+        seen_shapes.add((b, s))
+        assert [x.dtype for x in (ids, mask, feats)] == [torch.int64, torch.int64, torch.float32]
+    assert all(s[1] != ex_ids.shape[1] for s in seen_shapes)
+
+
+def test_random_sets_keep_value_kinds(lm_ir):
+    sets = make_verification_inputs(lm_ir, n_random=2, seed=3)
+    ex_ids, _, ex_feats = lm_ir.example_inputs
+    for ids, mask, feats in sets[1:]:
+        assert int(ids.min()) >= int(ex_ids.min()) and int(ids.max()) <= int(ex_ids.max())  # token-like
+        assert set(mask.unique().tolist()) <= {0, 1}                                          # mask-like
+        assert feats.abs().sum() > 0 and not torch.equal(feats, torch.zeros_like(feats))
+        assert float(feats.mean()) == pytest.approx(float(ex_feats.mean()), abs=0.1)
+        assert lm_ir.run([ids, mask, feats])[0].shape == (*ids.shape, 8)
+    assert any(not torch.equal(a, b) for a, b in zip(sets[1], sets[2]))
+
+
+def test_random_sets_are_deterministic_per_seed(lm_ir):
+    a = make_verification_inputs(lm_ir, n_random=1, seed=7)[1]
+    b = make_verification_inputs(lm_ir, n_random=1, seed=7)[1]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_static_inputs_keep_their_shape():
+    class F(torch.nn.Module):
+        def forward(self, x, flag):
+            return x * flag
+
+    ir = capture(F(), (torch.randn(3, 4), torch.tensor([True, False, True, True])))
+    (ex, ex_flag), (x, flag) = make_verification_inputs(ir, n_random=1)
+    assert x.shape == ex.shape and flag.shape == ex_flag.shape and flag.dtype == torch.bool
+    assert not torch.equal(x, torch.zeros_like(x))
+
+
+# -- fp64 reference run ----------------------------------------------------------------------------
+class SmallMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return torch.softmax(self.fc2(torch.nn.functional.gelu(self.fc1(x))), dim=-1), x.sum(-1, dtype=torch.float32)
+
+
+def test_run_float64_agrees_with_a_float64_eager_run():
+    torch.manual_seed(0)
+    m = SmallMLP().eval()
+    x = torch.randn(4, 16)
+    ir = capture(m, (x,))
+    got = run_float64(ir, [x])
+    assert got is not None and all(o.dtype == torch.float64 for o in got)
+    with torch.no_grad():
+        want = copy.deepcopy(m).double()(x.double())
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
+    # the explicit float32 dtype argument is promoted too
+    torch.testing.assert_close(got[1], x.double().sum(-1), rtol=1e-12, atol=1e-12)
+    # the IR itself is left in float32
+    assert ir.run([x])[0].dtype == torch.float32
+
+
+# -- verifier and first divergence -----------------------------------------------------------------
+def _with_add_as_sub(ir):
+    c = ir.copy()
+    node = next(n for n in c.graph.nodes if n.target == aten.add.Tensor)
+    node.target = aten.sub.Tensor
+    c.recompile()
+    return c, node.name
+
+
+def test_first_divergence_names_the_changed_node(lm_ir):
+    broken, name = _with_add_as_sub(lm_ir)
+    div = first_divergence(lm_ir, broken, list(lm_ir.example_inputs))
+    assert div["node"] == name
+    assert div["op"] == "aten.sub" and "differs from the original" in div["why"]
+    assert div["max_abs_error"] > 1.0
+    assert name in div["format"]
+    assert first_divergence(lm_ir, lm_ir.copy(), list(lm_ir.example_inputs)) is None
+
+
+def test_first_divergence_blames_the_node_a_failing_pass_created():
+    class Chain(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x * 2) + 1
+
+    ir = capture(Chain(), (torch.randn(3),))
+
+    # a pass recomputes x * 2 in a new node: every named node still matches
+    same = ir.copy()
+    mul = next(n for n in same.graph.nodes if n.target == aten.mul.Tensor)
+    with same.graph.inserting_after(mul):
+        new = same.graph.call_function(aten.mul.Tensor, (same.placeholders()[0], 2))
+    new.meta["graphopt_provenance"] = "recompute"
+    mul.replace_all_uses_with(new)
+    same.graph.erase_node(mul)
+    same.recompile()
+    div = first_divergence(ir, same, list(ir.example_inputs), pass_name="recompute")
+    assert div["node"] == new.name and "created by 'recompute'" in div["why"]
+    assert div["provenance"] == "recompute" and div["max_abs_error"] is None
+    assert first_divergence(ir, same, list(ir.example_inputs)) is None
+
+    # the new node computes x * 4 instead: relu keeps its name and is the first to differ
+    wrong = ir.copy()
+    mul = next(n for n in wrong.graph.nodes if n.target == aten.mul.Tensor)
+    with wrong.graph.inserting_after(mul):
+        new = wrong.graph.call_function(aten.add.Tensor, (mul, mul))
+    relu = next(n for n in wrong.graph.nodes if n.target == aten.relu.default)
+    relu.replace_input_with(mul, new)
+    wrong.recompile()
+    assert first_divergence(ir, wrong, [torch.ones(3)])["node"] == "relu"
+
+
+def test_verifier_checks_against_the_original(lm_ir):
+    sets = make_verification_inputs(lm_ir, n_random=1)
+    v = Verifier(lm_ir, sets)
+    outcome, rec = v.check(lm_ir.copy(), graphopt.verify.exact())
+    assert outcome.passed and rec["passed"] and rec["error_vs_original"] == 0.0 and rec["input_sets"] == 2
+    broken, _ = _with_add_as_sub(lm_ir)
+    outcome, rec = v.check(broken, graphopt.verify.allclose())
+    assert not outcome.passed and rec["error_vs_original"] > 1.0
+    assert rec["policy"] == "allclose(rtol=1e-05, atol=1e-05)"
+    ref = v.reference64()
+    assert ref is not None and len(ref) == 2 and ref[0][0].dtype == torch.float64
