@@ -126,12 +126,16 @@ class Engine:
                ) -> Iterator[torch.Tensor]:
         """Yield the growing sequence after every new token.
 
-        Artifacts without a KV cache recompute the whole prefix each step (correct, O(T^2));
-        compile with the ``kv-cache`` pass for the cached path.
+        Artifacts compiled with the ``kv-cache`` pass prefill the prompt once and then feed one
+        token per step with the cache (kept in bound OrtValues for ONNX Runtime). Artifacts without
+        a cache recompute the whole prefix each step (correct, O(T^2)). ``attention_mask`` marks
+        left padding for prompts of different lengths.
         """
-        from graphopt.runtime.generation import stream_full_prefix
+        from graphopt.runtime.generation import stream_cached, stream_full_prefix
 
-        yield from stream_full_prefix(self, ids, max_new_tokens, temperature=temperature, top_k=top_k,
+        gen = self.manifest.get("generation") or {}
+        fn = stream_cached if gen.get("kind") == "kv-cache" else stream_full_prefix
+        yield from fn(self, ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                       eos_token_id=eos_token_id, attention_mask=attention_mask, seed=seed)
 
     def close(self) -> None:

@@ -191,8 +191,24 @@ class Verifier:
         return self._ref64
 
     def check(self, ir: GraphIR, policy: Policy) -> tuple[Outcome, dict]:
-        candidate = [ir.run(inp) for inp in self.input_sets]
+        from graphopt.verify.policies import Equivalence
+
         names = self.original.output_names
+        if isinstance(policy, Equivalence):
+            # the pass may change the calling convention: the policy's function drives both graphs
+            ev = Evidence(output_names=names, original=self.original_outputs, candidate=[],
+                          reference64=self.reference64, original_ir=self.original, candidate_ir=ir,
+                          inputs=self.input_sets)
+            outcome = policy.check(ev)
+            record = {"policy": policy.describe(), "passed": outcome.passed, "message": outcome.message,
+                      "worst_output": outcome.worst_output, "error_vs_original": None, "error_vs_previous": None,
+                      "figures": {k: _finite(v) for k, v in outcome.figures.items()},
+                      "input_sets": len(self.input_sets)}
+            if outcome.passed and (ir.input_names != self.original.input_names or ir.output_names != names):
+                self.rebase(ir)
+                record["rebased"] = True
+            return outcome, record
+        candidate = [ir.run(inp) for inp in self.input_sets]
         ev = Evidence(output_names=names, original=self.original_outputs, candidate=candidate,
                       reference64=self.reference64, original_ir=self.original, candidate_ir=ir,
                       inputs=self.input_sets)
@@ -207,6 +223,16 @@ class Verifier:
         if outcome.passed:
             self.previous = candidate
         return outcome, record
+
+    def rebase(self, ir: GraphIR) -> None:
+        """After a verified pass that changed the calling convention (kv-cache), later passes are
+        compared with that pass's graph: the equivalence proof links it to the original."""
+        log.info("verification now compares with the graph after the calling-convention change")
+        self.original = ir.copy()
+        self.input_sets = make_verification_inputs(self.original, n_random=max(len(self.input_sets) - 1, 1))
+        self.original_outputs = [self.original.run(inp) for inp in self.input_sets]
+        self.previous = self.original_outputs
+        self._ref64, self._ref64_done = None, False
 
 
 def _finite(x: float | None) -> float | str | None:
