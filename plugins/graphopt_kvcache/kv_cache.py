@@ -215,11 +215,16 @@ class KVCache(Pass):
         leaves = list(out.args[0])
         out.args = (tuple(leaves + [present_mask] + [p for _, p in presents]),)
 
+        # metadata assertions would keep the old mask computation alive; they check nothing the
+        # cached graph still computes (remove-noops drops them anyway)
+        for n in list(graph.nodes):
+            if n.target is aten._assert_tensor_metadata.default:
+                graph.erase_node(n)
         graph.eliminate_dead_code()
         if mask_node is not None:
             # its sizes are still the batch and the new tokens' count: size reads are fine
             stray = [u for u in mask_node.users if not u.meta.get("graphopt_kv_mask")
-                     and u.target is not aten.sym_size.int]
+                     and u.target not in (aten.sym_size.int, aten._assert_tensor_metadata.default)]
             if stray:
                 raise PassError(f"{mask_spec.name!r} is used outside the attention masks (by "
                                 f"{stray[0].format_node()}); kv-cache cannot rewrite that safely")
@@ -229,6 +234,11 @@ class KVCache(Pass):
                             "position-dependent computation the pass does not understand); cannot rewrite safely")
 
         # -- interface
+        if static:  # the new tokens of one call must fit the cache
+            for spec in ir.inputs:
+                if spec.name in (ids_spec.name, MASK_NAME) and 1 in spec.dynamic:
+                    lo, hi = spec.dynamic[1]
+                    spec.dynamic[1] = (min(lo, max_len), min(hi, max_len))
         ir.inputs = ir.inputs + [spec for _, spec, _ in new_inputs]
         ir.example_inputs = list(ir.example_inputs) + [ex for _, _, ex in new_inputs]
         if mask_spec is None:
