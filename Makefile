@@ -9,6 +9,7 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.graphopt-installed
+BENCH_ARGS ?=
 
 .PHONY: setup demo test lint bench clean
 
@@ -27,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Side-by-side benchmarks (README "Benchmarks"): results in bench/results/<case>.{md,json,png}
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check graphopt plugins samples tests bench

@@ -67,7 +67,7 @@ def stream_full_prefix(engine: Engine, ids: Any, max_new_tokens: int, *, tempera
         if mask is not None:
             feed[mask_name] = mask
         logits = engine.run_flat(engine.bind(**feed))[out_index]
-        nxt = pick_next(torch.as_tensor(logits)[:, -1, :], temperature, top_k, gen)
+        nxt = pick_next(torch.as_tensor(logits)[:, -1, :].cpu(), temperature, top_k, gen)
         if eos_token_id is not None:
             nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
             finished |= nxt == eos_token_id
@@ -190,7 +190,7 @@ def stream_cached(engine: Engine, ids: Any, max_new_tokens: int, *, temperature:
         if gen.get("cache_position"):
             feed[gen["cache_position"]] = torch.tensor([pos], dtype=torch.int64)
         out = stepper.step(feed)
-        logits = stepper.to_torch(out[gen["logits"]])[:, -1, :]
+        logits = stepper.to_torch(out[gen["logits"]])[:, -1, :].cpu()
         nxt = pick_next(logits, temperature, top_k, g)
         if eos_token_id is not None:
             nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)

@@ -1,0 +1,131 @@
+"""The machine description stamped on every result: a number means nothing without it."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata as md
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str:
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.lower().startswith(("model name", "hardware", "cpu model")):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def physical_cores() -> int | None:
+    """Distinct (physical id, core id) pairs in /proc/cpuinfo; None where it does not say."""
+    cores, phys = set(), "0"
+    for line in _read("/proc/cpuinfo").splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            phys = value.strip()
+        elif key == "core id":
+            cores.add((phys, value.strip()))
+    return len(cores) or None
+
+
+def cpu_quota() -> float | None:
+    """CPUs allowed by the cgroup (v2 ``cpu.max``), None when unlimited or unknown."""
+    text = _read("/sys/fs/cgroup/cpu.max").split()
+    if len(text) == 2 and text[0] != "max":
+        try:
+            return round(int(text[0]) / int(text[1]), 2)
+        except ValueError:
+            return None
+    return None
+
+
+def ram_gib() -> float | None:
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            return round(int(line.split()[1]) / 2**20, 1)
+    return None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def gpu() -> dict[str, Any] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "compute_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def describe(threads: int, device: str) -> dict[str, Any]:
+    import torch
+
+    import graphopt
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "physical_cores": physical_cores(),
+        "cgroup_cpu_quota": cpu_quota(),
+        "ram_gib": ram_gib(),
+        "threads": threads,
+        "device": device,
+        "gpu": gpu(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {"graphopt": graphopt.__version__, "torch": torch.__version__,
+                     "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+                     "onnx": _version("onnx"), "transformers": _version("transformers"),
+                     "numpy": _version("numpy")},
+        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+                                                  "GOMP_SPINCOUNT") if k in os.environ},
+        "load_average_at_start": load_average(),
+    }
+
+
+def one_line(m: dict[str, Any]) -> str:
+    """``AMD EPYC, 2 CPUs, 2 threads, 23.5 GiB, torch 2.13.0+cpu, ... , 2026-01-01``"""
+    gpu_ = f", GPU {m['gpu']['name']}" if m.get("gpu") else ""
+    v = m["versions"]
+    return (f"{m['cpu']}, {m['usable_cpus']} CPUs, {m['threads']} thread{'s' if m['threads'] != 1 else ''}, {m['ram_gib']} GiB RAM{gpu_}; "
+            f"torch {v['torch']}, onnxruntime {v['onnxruntime']}, graphopt {v['graphopt']}; {m['date'][:10]}")
+
+
+def busy_note(m: dict[str, Any]) -> str | None:
+    """A warning when the machine was busy: the load average exceeded the usable CPUs."""
+    loads = [m.get("load_average_at_start"), m.get("load_average_at_end")]
+    worst = max((la[0] for la in loads if la), default=None)
+    cpus = m.get("usable_cpus") or 1
+    if worst is not None and worst > cpus:
+        return (f"the machine was busy (1-minute load average up to {worst} on {cpus} usable CPUs): "
+                "other processes competed for the cores, so these timings are noisy")
+    return None

@@ -1,0 +1,317 @@
+"""Writes a case's results: ``<case>.json`` (everything), ``<case>.md`` (the tables to paste) and
+``<case>.png`` (the chart), each stamped with the machine description."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from bench.harness import CaseResult, SystemResult
+from bench.machine import one_line
+
+KIND_COLORS = {"baseline": "#7f7f7f", "peer": "#4c72b0", "graphopt": "#dd8452"}
+PHASE_COLORS = {"capture": "#4c72b0", "passes": "#55a868", "verification": "#c44e52", "lowering": "#8172b2",
+                "lowering_verification": "#ccb974", "writing": "#64b5cd"}
+
+
+def write_all(result: CaseResult, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{result.case}.json", out_dir / f"{result.case}.md", out_dir / f"{result.case}.png"]
+    paths[0].write_text(json.dumps(result.to_json(), indent=2, default=_json_default) + "\n")
+    paths[1].write_text(markdown(result))
+    chart(result, paths[2])
+    return paths
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+# -- formatting ----------------------------------------------------------------------------------
+
+def fmt_time(s: float | None) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "-"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.0f} µs"
+
+
+def fmt_value(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) < 1e-3 or abs(v) >= 1e5:
+            return f"{v:.2e}"
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {fmt_value(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        return ", ".join(fmt_value(x) for x in v)
+    return str(v)
+
+
+def fmt_spread(d: dict[str, float] | None, digits: int = 2, unit: str = "×") -> str:
+    if not d or not d.get("n", 1) or "median" not in d:
+        return "-"
+    return f"{d['median']:.{digits}f}{unit} [{d['p10']:.{digits}f}, {d['p90']:.{digits}f}]"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_block(r: CaseResult) -> str:
+    m = r.machine
+    if not m:
+        return ""
+    v = m.get("versions", {})
+    gpu = m.get("gpu")
+    rows = [
+        ["CPU", f"{m.get('cpu')} ({m.get('usable_cpus')} usable CPUs of {m.get('logical_cpus')}, "
+                f"{m.get('physical_cores') or '?'} physical cores"
+                + (f", cgroup quota {m['cgroup_cpu_quota']} CPUs" if m.get("cgroup_cpu_quota") else "") + ")"],
+        ["threads", f"{m.get('threads')} (torch.set_num_threads, ORT intra_op_num_threads)"],
+        ["RAM", f"{m.get('ram_gib')} GiB"],
+        ["device", f"{m.get('device')}" + (f": {gpu['name']} ({gpu['memory_gib']} GiB, sm {gpu['compute_capability']}, "
+                                          f"CUDA {gpu['cuda']})" if gpu else "")],
+        ["versions", ", ".join(f"{k} {x}" for k, x in v.items() if x)],
+        ["date (UTC)", m.get("date", "")],
+        ["load average", f"{m.get('load_average_at_start')} at start, {m.get('load_average_at_end')} at end"],
+    ]
+    return _table(["machine", ""], rows)
+
+
+def rates_line(r: CaseResult) -> str:
+    rt = r.rates
+    if not rt:
+        return ""
+    return (f"Measured in this run: peak GEMM **{rt['gemm_flops'] / 1e9:.1f} GFLOP/s** (fp32 torch.mm "
+            f"{rt['gemm_n']}³), memory read **{rt['mem_bw'] / 1e9:.1f} GB/s** (sum over {rt['mem_bytes'] >> 20} MiB); "
+            f"{rt['method']}.")
+
+
+def floor_line(fl: dict[str, Any]) -> str:
+    return (f"Floor: **{fmt_time(fl['time_s'])}** ({fl['bound']}-bound; {fl['flops'] / 1e9:.2f} GFLOP → "
+            f"{fmt_time(fl['compute_s'])}, {fl['bytes'] / 1e6:.1f} MB → {fmt_time(fl['memory_s'])}; "
+            f"{fl['forwards']} forward(s)). {fl.get('formula', '')}")
+
+
+# -- markdown ------------------------------------------------------------------------------------
+
+def markdown(r: CaseResult) -> str:
+    parts = [f"# {r.title}", "", f"_{one_line(r.machine)}_" if r.machine else "", ""]
+    settings = ", ".join(f"{k} {fmt_value(v)}" for k, v in r.settings.items()
+                         if k not in ("graphopt_pipelines", "models") or not isinstance(v, dict))
+    parts += [f"Case `{r.case}`: {settings}.", ""]
+    if r.rates:
+        parts += [rates_line(r), ""]
+    if r.kind == "latency":
+        parts += _latency_md(r)
+    else:
+        parts += _compile_md(r)
+    if r.notes:
+        parts += ["Notes:", ""] + [f"- {n}" for n in r.notes] + [""]
+    if r.elapsed_s is not None:
+        parts += [f"Case wall time: {r.elapsed_s:.0f} s.", ""]
+    parts += [machine_block(r), ""]
+    return "\n".join(parts)
+
+
+def _groups(r: CaseResult) -> list[str]:
+    seen: list[str] = []
+    for s in r.systems:
+        if s.group not in seen:
+            seen.append(s.group)
+    return seen
+
+
+def _latency_md(r: CaseResult) -> list[str]:
+    out: list[str] = []
+    for g in _groups(r):
+        systems = [s for s in r.systems if s.group == g]
+        base = r.baselines.get(g, "baseline")
+        if len(_groups(r)) > 1 or g not in (r.case, ""):
+            out += [f"## {g}", ""]
+        if g in r.floors:
+            out += [floor_line(r.floors[g]), ""]
+        qkeys: list[str] = []
+        for s in systems:
+            qkeys += [k for k in s.quality if k not in qkeys]
+        has_tp = any(s.throughput for s in systems)
+        header = (["system", "median", "p10", "p90", "IQR"] + ([f"{systems[0].throughput['unit']}" if systems[0].throughput
+                                                               else "throughput"] if has_tp else [])
+                  + [f"speedup vs {base} (median [p10, p90])", "× floor (median)"] + qkeys + ["details"])
+        rows = []
+        for s in systems:
+            if s.status != "ok":
+                continue
+            lat = s.latency_s or {}
+            row = [s.name, fmt_time(lat.get("median")), fmt_time(lat.get("p10")), fmt_time(lat.get("p90")),
+                   fmt_time(lat.get("iqr"))]
+            if has_tp:
+                row.append(f"{s.throughput['median']:.1f}" if s.throughput else "-")
+            row += [fmt_spread(s.speedup), f"{s.floor_ratio['median']:.1f}×" if s.floor_ratio else "-"]
+            row += [fmt_value(s.quality.get(k)) for k in qkeys]
+            row.append(_details(s))
+            rows.append(row)
+        out += [_table(header, rows), ""]
+        others = [s for s in systems if s.status != "ok"]
+        if others:
+            out += [f"- **{s.name}**: {s.status}: {s.note}" for s in others] + [""]
+        n = systems[0].latency_s.get("n") if systems and systems[0].latency_s else 0
+        out += [f"{n} interleaved timed rounds per system; speedup is computed per round (paired) "
+                f"as {base} time / system time; × floor = time / floor.", ""]
+    return out
+
+
+def _details(s: SystemResult) -> str:
+    bits = []
+    if s.setup_s is not None:
+        bits.append(f"setup {s.setup_s:.1f}s")
+    for k, v in s.info.items():
+        if k in ("pipeline", "providers") or v is None:
+            continue
+        if k == "pass_stats":  # all of it is in the JSON; the table keeps what fusions did
+            fused = {f"{p} {sk}": sv for p, st in v.items() for sk, sv in st.items() if "fuse" in sk.lower()}
+            if fused:
+                bits.append(f"fused: {fmt_value(fused)}")
+            continue
+        bits.append(f"{k}: {fmt_value(v)}")
+    if s.note:
+        bits.append(s.note)
+    return "; ".join(bits)
+
+
+def _compile_md(r: CaseResult) -> list[str]:
+    header = ["model", "pipeline", "target", "nodes", "total (verified)", "total (--no-verify)",
+              "verification share (vs --no-verify)", "verification share (phases)", "verified ÷ unverified"
+              ] + PHASES_LABELS
+    rows, others = [], []
+    for row in r.rows:
+        if row.get("status") != "ok":
+            others.append(f"- **{row['model']} / {row['pipeline']}**: {row.get('status')}: {row.get('note')}")
+            continue
+        ph = row["phases_s"]
+        frac = row["verification_fraction"]
+        rows.append([row["model"], row["pipeline"], row["target"], f"{row['nodes_before']}→{row['nodes_after']}",
+                     fmt_spread(row["total_verified_s"], 2, " s"), fmt_spread(row["total_unverified_s"], 2, " s"),
+                     _pct(frac), _pct(row["verification_fraction_phases"]),
+                     fmt_spread(row["verified_over_unverified"])]
+                    + [fmt_time(ph[p]["median"]) for p in PHASES_LABEL_KEYS])
+    out = [_table(header, rows), ""] + (others + [""] if others else [])
+    out += ["Phases are medians over the rounds of the verified compile (writing: of the unverified one); "
+            "*lowering verification* is derived (verified residue − unverified residue) and includes the "
+            "reference runs of the original graph. Verification share (vs --no-verify) = (verified − unverified) "
+            "/ verified, per round; (phases) = (verification + lowering verification) / verified total, "
+            "which drift between the two compiles cannot swamp.", ""]
+    return out
+
+
+def _pct(d: dict[str, float]) -> str:
+    return f"{d['median'] * 100:.0f}% [{d['p10'] * 100:.0f}, {d['p90'] * 100:.0f}]"
+
+
+PHASES_LABEL_KEYS = ["capture", "passes", "verification", "lowering", "lowering_verification", "writing"]
+PHASES_LABELS = ["capture", "passes", "verification", "lowering", "lowering verification*", "writing"]
+
+
+# -- charts --------------------------------------------------------------------------------------
+
+def chart(r: CaseResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if r.kind == "latency":
+        fig = _latency_chart(r, plt)
+    else:
+        fig = _compile_chart(r, plt)
+    fig.text(0.01, 0.005, one_line(r.machine) if r.machine else "", fontsize=7, color="#555555")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _latency_chart(r: CaseResult, plt: Any) -> Any:
+    groups = _groups(r) or [""]
+    heights = [max(1.6, 0.45 * sum(1 for s in r.systems if s.group == g and s.status == "ok") + 1.0)
+               for g in groups]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, sum(heights) + 0.8), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    fig.suptitle(r.title, fontsize=12)
+    for gi, g in enumerate(groups):
+        systems = [s for s in r.systems if s.group == g and s.status == "ok" and s.speedup]
+        names = [s.name for s in systems][::-1]
+        sp = [s.speedup for s in systems][::-1]
+        colors = [KIND_COLORS.get(s.kind, "#4c72b0") for s in systems][::-1]
+        ax = axes[gi][0]
+        if systems:
+            med = [d["median"] for d in sp]
+            err = [[max(0.0, d["median"] - d["p10"]) for d in sp], [max(0.0, d["p90"] - d["median"]) for d in sp]]
+            ax.barh(names, med, xerr=err, color=colors, capsize=3)
+            ax.axvline(1.0, color="black", lw=0.8)
+            for y, m in enumerate(med):
+                ax.annotate(f"{m:.2f}×", (m, y), xytext=(3, 3), textcoords="offset points", fontsize=8)
+        base = r.baselines.get(g, "baseline")
+        ax.set_xlabel(f"speedup vs {base} (median, p10–p90; >1 is faster)")
+        ax.set_title(g, loc="left", fontsize=10)
+        ax2 = axes[gi][1]
+        fr = [s.floor_ratio for s in systems][::-1]
+        if systems and all(fr):
+            med = [d["median"] for d in fr]
+            err = [[max(0.0, d["median"] - d["p10"]) for d in fr], [max(0.0, d["p90"] - d["median"]) for d in fr]]
+            ax2.barh(names, med, xerr=err, color=colors, capsize=3)
+            for y, m in enumerate(med):
+                ax2.annotate(f"{m:.1f}×", (m, y), xytext=(3, 3), textcoords="offset points", fontsize=8)
+            ax2.set_xscale("log")
+            ax2.axvline(1.0, color="black", lw=0.8)
+            ax2.set_yticklabels([])
+            ax2.set_xlabel("time / physical floor (log; 1 = the machine's limit)")
+        else:
+            ax2.axis("off")
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    return fig
+
+
+def _compile_chart(r: CaseResult, plt: Any) -> Any:
+    rows = [row for row in r.rows if row.get("status") == "ok"]
+    labels, segments = [], []
+    for row in rows:
+        ph = row["phases_s"]
+        labels.append(f"{row['model']} · {row['pipeline']}")
+        segments.append([ph[p]["median"] for p in PHASES_LABEL_KEYS])
+        nv = row["phases_unverified_s"]
+        labels.append(f"{row['model']} · {row['pipeline']} (--no-verify)")
+        segments.append([nv["capture"]["median"], nv["passes"]["median"], 0.0, nv["lowering"]["median"], 0.0,
+                         nv["writing"]["median"]])
+    fig, ax = plt.subplots(figsize=(11, max(2.0, 0.4 * len(labels) + 1.4)))
+    fig.suptitle(r.title, fontsize=12)
+    left = [0.0] * len(labels)
+    ys = list(range(len(labels)))[::-1]
+    for i, (key, label) in enumerate(zip(PHASES_LABEL_KEYS, PHASES_LABELS)):
+        widths = [seg[i] for seg in segments]
+        ax.barh(ys, widths, left=left, color=PHASE_COLORS[key], label=label)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(ys, labels)
+    ax.set_xlabel("seconds (median over rounds)")
+    if labels:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    return fig

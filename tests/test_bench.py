@@ -1,0 +1,189 @@
+"""The benchmark suite (bench/): the harness in-process, and the command end to end in --quick mode.
+
+The end-to-end runs use a temporary results folder and the smallest settings: the ``compile`` case
+on nanogpt only, and (slow) ``minilm`` at batch 1 x 16 tokens with 2 iterations.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.harness import (
+    BASELINE,
+    BenchContext,
+    Candidate,
+    CaseResult,
+    SkipSystem,
+    System,
+    SystemResult,
+    interleaved_rounds,
+    paired_ratio,
+    run_latency,
+    summarize,
+)
+from bench.run import main
+from bench.systems import unregistered_passes
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MACHINE_KEYS = {"cpu", "logical_cpus", "usable_cpus", "threads", "ram_gib", "date", "device", "gpu", "versions"}
+
+
+def run_bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def check_files(out: Path, case: str) -> dict:
+    for ext in ("md", "json", "png"):
+        assert (out / f"{case}.{ext}").is_file(), f"{case}.{ext} missing"
+    png = (out / f"{case}.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE)
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(out / f"{case}.png")).ndim == 3  # decodes
+    data = json.loads((out / f"{case}.json").read_text())
+    assert MACHINE_KEYS <= set(data["machine"]), data["machine"]
+    assert data["machine"]["versions"]["torch"] == torch.__version__
+    assert data["machine"]["versions"]["graphopt"]
+    md = (out / f"{case}.md").read_text()
+    assert md.startswith("# ") and data["machine"]["cpu"] in md
+    return data
+
+
+# -- harness, in-process -----------------------------------------------------------------------
+
+def test_summarize_gives_median_and_spread():
+    s = summarize([float(x) for x in range(1, 11)])
+    assert s["n"] == 10 and s["median"] == 5.5
+    assert s["p10"] < s["p25"] < s["median"] < s["p75"] < s["p90"]
+    assert s["iqr"] == pytest.approx(s["p75"] - s["p25"])
+    assert summarize([]) == {"n": 0}
+
+
+def test_paired_ratio_is_per_round():
+    # drift doubles both systems' times in round 2: the paired ratio stays exactly 2
+    r = paired_ratio([2.0, 4.0], [1.0, 2.0])
+    assert r["median"] == r["p10"] == r["p90"] == 2.0
+
+
+def test_rounds_are_interleaved():
+    order: list[str] = []
+    systems = [System(n, lambda n=n: order.append(n)) for n in "ABC"]
+    times = interleaved_rounds(systems, warmup=1, iters=2, sync=lambda: None, on_error=lambda s, e: None)
+    assert order == list("ABCABCABC")  # 1 warm-up round, 2 timed rounds
+    assert all(len(t) == 2 for t in times.values())
+
+
+def _ctx(tmp_path: Path, **kw) -> BenchContext:
+    return BenchContext(threads=1, device="cpu", quick=True, workdir=tmp_path, graphopt_targets=["onnx"], **kw)
+
+
+def test_run_latency_keeps_skipped_and_failed_systems(tmp_path):
+    x = torch.ones(4)
+
+    def broken() -> System:
+        raise RuntimeError("no such kernel\nlong traceback text")
+
+    def skipped() -> System:
+        raise SkipSystem("pass 'fuse' not registered yet")
+
+    candidates = [
+        Candidate("base", lambda: System("base", lambda: x * 1, kind=BASELINE), BASELINE),
+        Candidate("double", lambda: System("double", lambda: x * 2)),
+        Candidate("broken", broken),
+        Candidate("skipped", skipped),
+        Candidate("excluded one", lambda: System("excluded one", lambda: x)),
+    ]
+    quality = lambda ref, out: {"max_abs_err": float((ref - out).abs().max())}  # noqa: E731
+    results, notes = run_latency(_ctx(tmp_path, exclude=["excluded"]), candidates, quality=quality,
+                                 warmup=0, iters=3, floor_s=1e-9)
+    by = {r.name: r for r in results}
+    assert [r.name for r in results] == [c.name for c in candidates]
+    assert by["base"].status == "ok" and by["base"].speedup["median"] == 1.0
+    assert by["double"].quality == {"max_abs_err": 1.0}
+    assert {"median", "p10", "p90", "iqr"} <= set(by["double"].latency_s)
+    assert by["double"].floor_ratio["median"] > 1
+    assert by["broken"].status == "failed" and by["broken"].note == "RuntimeError: no such kernel"
+    assert by["skipped"].status == "skipped" and "not registered" in by["skipped"].note
+    assert by["excluded one"].status == "excluded"
+    assert notes == []
+
+
+def test_unregistered_passes_names_the_missing_ones():
+    assert unregistered_passes("cleanup") == []
+    assert unregistered_passes("cleanup,no-such-pass-xyz(k=1)") == ["no-such-pass-xyz"]
+
+
+def test_report_files_from_a_synthetic_result(tmp_path):
+    from bench.machine import describe
+    from bench.report import write_all
+
+    s = summarize([0.010, 0.011, 0.012])
+    systems = [SystemResult("torch eager", BASELINE, "ok", group="g", latency_s=s, speedup=summarize([1.0]),
+                            floor_ratio=summarize([3.0]), quality={"max_abs_err": 0.0}),
+               SystemResult("graphopt x", "graphopt", "skipped", note="pass 'x' not registered yet", group="g")]
+    result = CaseResult("demo", "Demo", "latency", {"batch": 1}, baselines={"g": "torch eager"}, systems=systems,
+                        machine=describe(1, "cpu"))
+    write_all(result, tmp_path)
+    data = check_files(tmp_path, "demo")
+    assert data["systems"][0]["latency_s"]["median"] == pytest.approx(0.011)
+    assert "not registered yet" in (tmp_path / "demo.md").read_text()
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["--cases", "no-such-case"]) == 2
+    assert main(["--set", "minilm.no_such_param=1"]) == 2
+    assert main(["--set", "minilm.batch=eight"]) == 2
+    assert "no parameter 'no_such_param'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_fails_cleanly(capsys):
+    assert main(["--device", "cuda", "--cases", "compile"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda needs an NVIDIA GPU" in err and "Traceback" not in err
+
+
+def test_compile_case_quick_on_nanogpt(tmp_path):
+    proc = run_bench("--cases", "compile", "--quick", "--set", "compile.models=nanogpt", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = check_files(tmp_path, "compile")
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert ok and ok[0]["model"] == "nanogpt" and ok[0]["pipeline"] == "cleanup"
+    for phase in ("capture", "passes", "verification", "lowering", "lowering_verification", "writing"):
+        assert {"median", "p10", "p90"} <= set(ok[0]["phases_s"][phase])
+    assert ok[0]["phases_s"]["verification"]["median"] > 0
+    assert {"median", "p10", "p90"} <= set(ok[0]["verified_over_unverified"])
+    assert -1 < ok[0]["verification_fraction"]["median"] < 1  # a difference of two noisy totals
+    assert 0 < ok[0]["verification_fraction_phases"]["median"] < 1
+    assert "verification share" in (tmp_path / "compile.md").read_text()
+    assert data["elapsed_s"] > 0
+
+
+@pytest.mark.slow
+def test_minilm_case_quick_tiny(tmp_path):
+    proc = run_bench("--cases", "minilm", "--quick", "--set", "minilm.batch=1", "--set", "minilm.seq_len=16",
+                     "--exclude", "torch.compile,int8", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = check_files(tmp_path, "minilm")
+    assert data["baselines"] == {"minilm": "torch eager"}
+    assert data["rates"]["gemm_flops"] > 0 and data["rates"]["mem_bw"] > 0
+    assert data["floors"]["minilm"]["time_s"] > 0
+    by = {s["name"]: s for s in data["systems"]}
+    assert by["torch.compile (inductor)"]["status"] == "excluded"
+    timed = [s for s in data["systems"] if s["status"] == "ok"]
+    assert {"torch eager", "ORT (torch.onnx export)", "graphopt cleanup"} <= {s["name"] for s in timed}
+    for s in timed:
+        assert s["latency_s"]["n"] == 2
+        assert {"median", "p10", "p90", "iqr"} <= set(s["latency_s"])
+        assert {"median", "p10", "p90"} <= set(s["speedup"]) and s["floor_ratio"]["median"] > 0
+        assert s["quality"]["cos_worst"] > 0.9999 and s["quality"]["max_abs_err"] < 1e-3
