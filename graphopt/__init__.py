@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from graphopt import verify
 from graphopt.backends.base import Backend, Lowered, Runner
 from graphopt.capture import capture
+from graphopt.compiler import Artifact, compile, optimize  # noqa: E402  (needs the names above)
 from graphopt.errors import (
     ArtifactError,
     BackendError,
@@ -30,8 +31,6 @@ from graphopt.hookspecs import hookimpl
 from graphopt.ir.graph_ir import GraphIR, TensorSpec
 from graphopt.passes.base import Pass, PassContext, PassResult
 from graphopt.plugins import get_plugin_manager
-
-from graphopt.compiler import Artifact, compile, optimize  # noqa: E402  (needs the names above)
 from graphopt.runtime.engine import Engine, load  # noqa: E402
 
 __all__ = [

@@ -77,7 +77,7 @@ def _parse_dynamic(items: list[str]) -> dict[str, dict[int, tuple[int, int]]]:
 def cmd_compile(args: argparse.Namespace) -> int:
     import graphopt
     from graphopt.errors import InputError
-    from graphopt.model_loader import load_factory
+    from graphopt.model_loader import factory_tokenizer, load_factory_with_module
     from graphopt.passes.pipeline import BuildConfig, load_config
 
     cfg = load_config(args.config) if args.config else BuildConfig()
@@ -89,7 +89,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     pipeline = args.pipeline or cfg.pipeline
     target = args.target or cfg.target or "onnx"
     out = args.out or cfg.out
-    module, example_inputs, dynamic = load_factory(model_spec)
+    module, example_inputs, dynamic, factory_file = load_factory_with_module(model_spec)
     dynamic = dict(dynamic or {})
     for name, dims in {**cfg.dynamic, **_parse_dynamic(args.dynamic)}.items():
         dynamic.setdefault(name, {}).update(dims)
@@ -100,7 +100,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            verify=not (args.no_verify or not cfg.verify), dump_ir=args.dump_ir,
                            report=None if args.report == "json" else "html", inputs=args.inputs or cfg.inputs,
                            target_options=cfg.target_options, n_random=args.random_inputs,
-                           progress=progress, model_spec=model_spec)
+                           progress=progress, model_spec=model_spec,
+                           tokenizer=args.tokenizer or cfg.tokenizer or factory_tokenizer(factory_file))
     from graphopt.report import format_table
 
     print(format_table(art.report))
@@ -115,21 +116,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
     import graphopt
-    from graphopt.compiler import load_inputs_npz  # noqa: F401 (same npz conventions)
-    from graphopt.errors import InputError
+    from graphopt.compiler import read_npz
 
     opts = {"threads": args.threads} if args.threads else {}
     eng = graphopt.load(args.dir, **opts)
     if args.inputs:
-        p = Path(args.inputs)
-        if not p.is_file():
-            raise InputError(f"--inputs {p} does not exist")
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                feeds = {k: z[k] for k in z.files}
-        except Exception as e:
-            raise InputError(f"--inputs {p} is not a readable .npz ({e})") from None
-        expected = None
+        feeds, expected = read_npz(args.inputs), None
     else:
         feeds = eng.example_inputs()
         expected = eng.expected_outputs()
@@ -181,14 +173,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompt = torch.tensor(ids)
     n_prompt = prompt.shape[1]
-    seq = prompt
+    seq, shown = prompt, ""
+    if tok is not None and not args.quiet:  # stream the text as it is generated
+        shown = tok.decode(ids[0])
+        print(shown, end="", flush=True)
     for seq in eng.stream(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           seed=args.seed, eos_token_id=args.eos):
         if tok is not None and not args.quiet:
-            pass
+            text = tok.decode(seq[0].tolist())
+            if text.startswith(shown):
+                print(text[len(shown):], end="", flush=True)
+                shown = text
     new = seq[0, n_prompt:].tolist()
     if tok is not None:
-        print(tok.decode(ids[0] + new))
+        text = tok.decode(ids[0] + new)
+        print(text[len(shown):] if not args.quiet and text.startswith(shown) else ("" if not args.quiet else text))
     else:
         print(",".join(str(i) for i in ids[0] + new))
     return EXIT_OK
@@ -331,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--inputs", metavar="FILE.npz", help="extra evaluation inputs (one array per input name)")
     c.add_argument("--dynamic", action="append", default=[], metavar="NAME:DIM=MIN..MAX",
                    help="mark an input dim dynamic (repeatable), e.g. input_ids:1=1..512")
+    c.add_argument("--tokenizer", metavar="tokenizer.json", help="ship this tokenizer in the artifact for "
+                   "`graphopt generate --prompt` (default: the factory file's TOKENIZER, if any)")
     c.add_argument("--no-verify", action="store_true", help="skip per-pass and post-lowering verification")
     c.add_argument("--report", choices=["html", "json"], default="html", help="write report.html too (default) or only report.json")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass as DIR/NNN_<pass>.txt")

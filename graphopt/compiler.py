@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,19 +66,24 @@ def library_versions() -> dict[str, str | None]:
             "tensorrt": ver("tensorrt"), "transformers": ver("transformers")}
 
 
-def load_inputs_npz(path: str | Path, ir: GraphIR) -> list[torch.Tensor]:
-    """An ``.npz`` of named arrays → flat inputs in the graph's order (names must match)."""
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Named arrays from an ``.npz`` (never unpickled), with clear errors for a missing or bad file."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"inputs file {p} does not exist")
     try:
         with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            return {k: z[k] for k in z.files}
     except Exception as e:
         raise InputError(f"inputs file {p} is not a readable .npz ({e}); write it with numpy.savez(name=array, ...)") from None
+
+
+def load_inputs_npz(path: str | Path, ir: GraphIR) -> list[torch.Tensor]:
+    """An ``.npz`` of named arrays → flat inputs in the graph's order (names must match)."""
+    arrays = read_npz(path)
     missing = [n for n in ir.input_names if n not in arrays]
     if missing:
-        raise InputError(f"inputs file {p} lacks {missing}; it must hold one array per input: {ir.input_names}")
+        raise InputError(f"inputs file {path} lacks {missing}; it must hold one array per input: {ir.input_names}")
     return [torch.from_numpy(np.ascontiguousarray(arrays[n])) for n in ir.input_names]
 
 
@@ -118,7 +125,8 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
             out: str | Path | None = None, *, dynamic: Any = None, verify: bool = True,
             dump_ir: str | None = None, report: str | None = "html", inputs: str | Path | None = None,
             target_options: dict[str, Any] | None = None, n_random: int = 1,
-            progress: Callable[..., None] | None = None, model_spec: str | None = None) -> Artifact:
+            progress: Callable[..., None] | None = None, model_spec: str | None = None,
+            tokenizer: str | Path | None = None) -> Artifact:
     """Compile ``model`` into an artifact directory at ``out``.
 
     Args:
@@ -132,6 +140,8 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
         dump_ir: directory for ``NNN_<pass>.txt`` IR dumps.
         report: ``"html"`` also writes report.html; ``None`` only report.json.
         inputs: an ``.npz`` of extra evaluation inputs (one array per input name).
+        tokenizer: a tokenizers ``tokenizer.json`` to ship in the artifact (``graphopt generate
+            --prompt`` uses it).
     """
     t_start = time.perf_counter()
     pm = get_plugin_manager()
@@ -169,6 +179,12 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
                     f"  the optimized graph verified; the lowering to {target!r} changed the numerics. "
                     f"Report this with the pipeline {rep.data['pipeline']!r}", record=low["verify"])
         _save_examples(w.dir, original)
+        if tokenizer:
+            tok = Path(tokenizer)
+            if not tok.is_file():
+                raise InputError(f"tokenizer file {tok} does not exist")
+            shutil.copyfile(tok, w.dir / "tokenizer.json")
+            manifest["tokenizer"] = "tokenizer.json"
         rep.finish()
         rep.data["total_time_s"] = round(time.perf_counter() - t_start, 4)
         manifest["verification"] = _verification_summary(rep)

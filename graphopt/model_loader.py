@@ -26,6 +26,19 @@ def split_spec(spec: str) -> tuple[Path, str]:
 
 
 def load_factory(spec: str, **kwargs: Any) -> tuple[torch.nn.Module, Any, dict | None]:
+    module_obj, example_inputs, dynamic, _ = load_factory_with_module(spec, **kwargs)
+    return module_obj, example_inputs, dynamic
+
+
+def factory_tokenizer(python_module: Any) -> str | None:
+    """The ``TOKENIZER`` path a factory file may define (a tokenizers ``tokenizer.json``): compile
+    copies it into the artifact so ``graphopt generate --prompt`` can tokenize."""
+    tok = getattr(python_module, "TOKENIZER", None)
+    return str(tok) if tok else None
+
+
+def load_factory_with_module(spec: str, **kwargs: Any) -> tuple[torch.nn.Module, Any, dict | None, Any]:
+    """Like :func:`load_factory`, plus the imported factory file (for its ``TOKENIZER``)."""
     path, factory = split_spec(spec)
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist (from {spec!r})")
@@ -64,4 +77,4 @@ def load_factory(spec: str, **kwargs: Any) -> tuple[torch.nn.Module, Any, dict |
     dynamic = result[2] if len(result) == 3 else None
     if not isinstance(module_obj, torch.nn.Module):
         raise ModelLoadError(f"{spec} returned a {type(module_obj).__name__} as its module; return a torch.nn.Module")
-    return module_obj, example_inputs, dynamic
+    return module_obj, example_inputs, dynamic, module

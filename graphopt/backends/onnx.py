@@ -16,6 +16,12 @@ Why these choices:
 - onnx 1.23 stamps IR version 14 on new models, which onnxruntime 1.31 refuses: the file gets the
   highest IR version the *installed* onnxruntime loads (see :data:`ORT_MAX_IR_VERSION`), never
   less than the opset requires.
+- The opset is the exporter's default (20) unless the graph holds an op with a standard fused ONNX
+  op at a higher opset: ``scaled_dot_product_attention`` (what fuse-attention emits) exports as the
+  opset-23 ``Attention`` op, so such graphs get opset 23 (:func:`resolve_opset`); graphs without
+  fused ops keep the default, which older runtimes load. The ``opset`` option overrides both.
+- ONNX Runtime's ``Attention`` kernel differs from the spec on masks (``finfo.min`` read as "masked
+  out", no broadcast of the query dim); the masks are adjusted (:func:`_prepare_attention_masks`).
 - Protobuf cannot serialize more than 2 GB, so weights move to ``model.onnx.data`` once the
   initializers pass :data:`EXTERNAL_DATA_THRESHOLD`; smaller models stay one file.
 
@@ -29,8 +35,9 @@ import io
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from graphopt.backends.base import Backend, Lowered
 from graphopt.backends.export import dim_label, export_program
@@ -99,11 +106,42 @@ def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
     return table
 
 
+#: ATen ops that the torch.onnx exporter lowers to one standard ONNX op from some opset on, and
+#: decomposes below it: ``aten.scaled_dot_product_attention`` → ``Attention`` (the canonical form
+#: of graphopt-fusion's fuse-attention), ``aten.rms_norm`` → ``RMSNormalization``. Without an
+#: ``opset`` option a graph that holds one of them (or an op with a registered translation) is
+#: exported at the opset of its fused ops (capped by the exporter), see :func:`preferred_opset`.
+STANDARD_OP_OPSETS: dict[str, int] = {
+    "aten.scaled_dot_product_attention": 23,   # Attention
+    "aten.rms_norm": 23,                       # RMSNormalization
+}
+
+
+def preferred_opset(ir: GraphIR) -> int | None:
+    """The opset at which every op of ``ir`` lowers to its standard fused ONNX op: the highest
+    :data:`STANDARD_OP_OPSETS` entry or registered translation ``min_opset`` among its ops, ``None``
+    when it has none."""
+    from graphopt.ir.graph_ir import op_name
+
+    want = None
+    for node in ir.graph.nodes:
+        if node.op != "call_function":
+            continue
+        opset = STANDARD_OP_OPSETS.get(op_name(node))
+        entries = _TRANSLATIONS.get(node.target)
+        if entries:
+            opset = max(opset or 0, entries[-1][0])
+        if opset is not None and (want is None or opset > want):
+            want = opset
+    return want
+
+
 class OnnxBackend(Backend):
     """ONNX (opset 18+) run by ONNX Runtime; the embedded default.
 
-    Options (``lower``): ``opset`` (default: the torch.onnx exporter's default; 18 up to the
-    highest the exporter supports, 23 with torch 2.13), ``external_data`` (``"auto"``, ``True``,
+    Options (``lower``): ``opset`` (18 up to the highest the exporter supports, 23 with torch
+    2.13; default: the exporter's default, or the opset of the graph's fused ops when higher: 23
+    for ``scaled_dot_product_attention`` → ``Attention``, see :func:`resolve_opset`), ``external_data`` (``"auto"``, ``True``,
     ``False``). Options (``load``): ``providers`` (onnxruntime execution providers, in order),
     ``threads`` (intra-op threads).
     """
@@ -115,7 +153,7 @@ class OnnxBackend(Backend):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        opset = resolve_opset(options.get("opset"))
+        opset = resolve_opset(options.get("opset"), ir)
         t0 = time.perf_counter()
         ep = export_program(ir)
         t1 = time.perf_counter()
@@ -189,11 +227,24 @@ def exporter_opsets() -> tuple[int, int]:
     return default, int(getattr(_constants, "ONNX_MAX_OPSET", default))
 
 
-def resolve_opset(requested: Any) -> int:
-    """The opset to export: ``requested`` (validated) or the exporter's default."""
+def resolve_opset(requested: Any, ir: GraphIR | None = None) -> int:
+    """The opset to export: ``requested`` (validated), else the exporter's default raised to
+    :func:`preferred_opset` of ``ir`` (up to the highest the exporter writes).
+
+    Why not always the highest: a graph without fused ops gains nothing from opset 23, and the
+    default opset keeps its file loadable by older runtimes (TensorRT before 10.15, older ONNX
+    Runtime builds); a graph with ``scaled_dot_product_attention`` needs 23 for the exporter to
+    emit the standard ``Attention`` op instead of a MatMul/Softmax decomposition."""
     default, highest = exporter_opsets()
     if requested is None:
-        return max(default, MIN_OPSET)
+        opset = max(default, MIN_OPSET)
+        wanted = preferred_opset(ir) if ir is not None else None
+        if wanted is not None and wanted > opset:
+            if wanted > highest:
+                log.info("onnx lowering: the graph's fused ops want opset %d but this torch.onnx exporter "
+                         "writes at most %d; they are decomposed", wanted, highest)
+            opset = min(wanted, highest)
+        return opset
     try:
         opset = int(requested)
     except (TypeError, ValueError):
@@ -293,6 +344,8 @@ def _cleanup(model: onnx.ModelProto, ir: GraphIR) -> onnx.ModelProto:
 
     graph = gs.import_onnx(model)
     _name_io(graph, ir.input_names, ir.output_names)
+    _broadcast_rotary_caches(graph)
+    _prepare_attention_masks(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.producer_name, out.producer_version = model.producer_name, model.producer_version
@@ -300,6 +353,125 @@ def _cleanup(model: onnx.ModelProto, ir: GraphIR) -> onnx.ModelProto:
     for prop in model.metadata_props:
         out.metadata_props.add(key=prop.key, value=prop.value)
     return out
+
+
+def _broadcast_rotary_caches(graph: Any) -> int:
+    """Give every ``RotaryEmbedding`` without ``position_ids`` caches of its input's batch size.
+
+    The ONNX spec wants ``cos``/``sin`` of shape ``[batch, seq, rot/2]`` there, and ONNX Runtime
+    refuses a batch of 1 against a larger input ("expected to have the same shape as input 'x'").
+    At opset 23 the torch.onnx optimizer (onnxscript 0.7 ``onnx_fusions``) turns Hugging Face's
+    rotate-half RoPE into ``RotaryEmbedding`` with the model's ``[1, seq, rot/2]`` caches, which
+    breaks every batch > 1. An ``Expand`` to ``[batch, 1, 1]`` fixes that (a no-op where the batch
+    already matches). Returns the number of nodes fixed."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    fixed = 0
+    for node in list(graph.nodes):
+        if node.op != "RotaryEmbedding" or node.domain not in (None, "", "ai.onnx") or len(node.inputs) != 3:
+            continue
+        x, caches = node.inputs[0], node.inputs[1:3]
+        if any(not c.inputs or c.inputs[0].op == "Expand" for c in caches if isinstance(c, gs.Variable)):
+            continue  # graph inputs / constants are used as given; expanded caches are fine already
+        batch = gs.Variable(f"{node.name}__batch", dtype=np.int64, shape=[1])
+        shape = gs.Variable(f"{node.name}__cache_shape", dtype=np.int64, shape=[3])
+        ones = gs.Constant(f"{node.name}__ones", np.array([1, 1], dtype=np.int64))
+        graph.nodes.append(gs.Node("Shape", inputs=[x], outputs=[batch], attrs={"start": 0, "end": 1}))
+        graph.nodes.append(gs.Node("Concat", inputs=[batch, ones], outputs=[shape], attrs={"axis": 0}))
+        for i, cache in enumerate(caches, start=1):
+            expanded = gs.Variable(f"{cache.name}__expanded_{node.name}", dtype=cache.dtype)
+            graph.nodes.append(gs.Node("Expand", inputs=[cache, shape], outputs=[expanded]))
+            node.inputs[i] = expanded
+        fixed += 1
+    if fixed:
+        log.debug("onnx lowering: expanded the caches of %d RotaryEmbedding node(s) to the input batch", fixed)
+    return fixed
+
+
+def _prepare_attention_masks(graph: Any) -> int:
+    """Make every ``Attention`` mask mean in ONNX Runtime what the ONNX spec (and torch) says.
+
+    Two differences of ONNX Runtime's CPU ``Attention`` kernel (1.31) from the spec, both fixed here
+    with a few cheap ops on the mask (shared masks are fixed once):
+
+    - it treats the float value ``lowest`` (``finfo(float32).min``) as "masked out" and returns 0
+      for a row whose every key carries it, where the spec (add the mask, then softmax) and torch
+      give the uniform average Hugging Face's finfo.min masks rely on (left-padded query rows).
+      ``lowest`` is replaced by the next float towards zero, which is equally absorbing
+      (``s + v == v`` for any realistic score ``s``), so every row gets the spec's result;
+      ``-inf`` stays ``-inf``;
+    - it requires ``attn_mask.shape[-2] == q_seq`` ("inconsistent q_sequence_length (between
+      attn_mask and Q)"), though the spec lets the mask broadcast: a BERT-style ``[B, 1, 1, S]``
+      padding mask is expanded to ``[B, 1, q_seq, S]``, unless the shapes already show equal
+      lengths (Hugging Face's ``[B, 1, T, T]`` masks). The query's dim -2 is its sequence for both
+      the 4-D ``[B, H, S, D]`` and 3-D ``[B, S, H*D]`` layouts.
+
+    Returns the number of Attention nodes whose mask was changed."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    fixed, unsentinelled = 0, {}
+    for node in list(graph.nodes):
+        if node.op != "Attention" or node.domain not in (None, "", "ai.onnx") or len(node.inputs) < 4:
+            continue
+        q, mask = node.inputs[0], node.inputs[3]
+        if not isinstance(mask, gs.Tensor) or not mask.name:
+            continue  # no mask (an empty optional input)
+        tag = f"{node.name or 'attention'}_{fixed}"
+        new = mask
+        np_dtype = _np_dtype(mask.dtype)
+        if np_dtype in (np.float16, np.float32, np.float64):
+            if mask.name not in unsentinelled:
+                lowest = np.array(np.finfo(np_dtype).min, dtype=np_dtype)
+                above = np.array(np.nextafter(lowest, np.array(0, np_dtype)), dtype=np_dtype)
+                lowest_c = gs.Constant(f"{mask.name}__lowest", lowest)
+                above_c = gs.Constant(f"{mask.name}__above_lowest", above)
+                is_lowest = gs.Variable(f"{mask.name}__is_lowest", dtype=np.bool_, shape=mask.shape)
+                out = gs.Variable(f"{mask.name}__spec", dtype=mask.dtype, shape=mask.shape)
+                graph.nodes.append(gs.Node("Equal", inputs=[mask, lowest_c], outputs=[is_lowest]))
+                graph.nodes.append(gs.Node("Where", inputs=[is_lowest, above_c, mask], outputs=[out]))
+                unsentinelled[mask.name] = out
+            new = unsentinelled[mask.name]
+        q_shape, m_shape = getattr(q, "shape", None), getattr(mask, "shape", None)
+        same_len = bool(q_shape and m_shape and len(q_shape) >= 2 and len(m_shape) >= 2
+                        and q_shape[-2] == m_shape[-2] and q_shape[-2] not in (None, ""))
+        if not same_len:
+            q_len = gs.Variable(f"{tag}__q_len", dtype=np.int64, shape=[1])
+            lead = gs.Variable(f"{tag}__mask_lead", dtype=np.int64)
+            last = gs.Variable(f"{tag}__mask_last", dtype=np.int64, shape=[1])
+            target = gs.Variable(f"{tag}__mask_shape", dtype=np.int64)
+            expanded = gs.Variable(f"{mask.name}__expanded_{tag}", dtype=mask.dtype)
+            graph.nodes.append(gs.Node("Shape", inputs=[q], outputs=[q_len], attrs={"start": -2, "end": -1}))
+            graph.nodes.append(gs.Node("Shape", inputs=[new], outputs=[lead], attrs={"start": 0, "end": -2}))
+            graph.nodes.append(gs.Node("Shape", inputs=[new], outputs=[last], attrs={"start": -1}))
+            graph.nodes.append(gs.Node("Concat", inputs=[lead, q_len, last], outputs=[target], attrs={"axis": 0}))
+            graph.nodes.append(gs.Node("Expand", inputs=[new, target], outputs=[expanded]))
+            new = expanded
+        if new is not mask:
+            node.inputs[3] = new
+            fixed += 1
+    if fixed:
+        log.debug("onnx lowering: prepared the masks of %d Attention node(s) for ONNX Runtime", fixed)
+    return fixed
+
+
+def _np_dtype(dtype: Any) -> Any:
+    """A graphsurgeon tensor dtype (numpy dtype or ONNX enum) as a numpy dtype, ``None`` if unknown."""
+    import numpy as np
+    import onnx
+
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):
+        try:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
+        except (KeyError, TypeError, ValueError):
+            return None
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return None
 
 
 def _name_io(graph: Any, input_names: list[str], output_names: list[str]) -> None:

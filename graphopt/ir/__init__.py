@@ -1,5 +1,14 @@
 """The IR: GraphIR over a torch.fx GraphModule, specs, shapes, analyses, printing."""
 
-from graphopt.ir.graph_ir import PROVENANCE, GraphIR, TensorSpec, dtype_from_name, dtype_name, node_dtype, node_shape, op_name
+from graphopt.ir.graph_ir import (
+    PROVENANCE,
+    GraphIR,
+    TensorSpec,
+    dtype_from_name,
+    dtype_name,
+    node_dtype,
+    node_shape,
+    op_name,
+)
 
 __all__ = ["PROVENANCE", "GraphIR", "TensorSpec", "dtype_from_name", "dtype_name", "node_dtype", "node_shape", "op_name"]

@@ -13,8 +13,8 @@ transformers to rebuild its outputs. The flattening order is the one torch.expor
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from graphopt.errors import CaptureError
 

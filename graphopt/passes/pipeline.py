@@ -13,12 +13,12 @@ constraints allow; a cycle is an error that names it.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import tomllib
 
 from graphopt.errors import PassOptionError, PipelineError
 from graphopt.passes.base import Pass
@@ -178,10 +178,12 @@ class BuildConfig:
     verify: bool = True
     inputs: str | None = None
     target_options: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
     path: str | None = None
 
 
-_CONFIG_KEYS = {"pipeline", "passes", "target", "out", "model", "dynamic", "verify", "inputs", "target_options"}
+_CONFIG_KEYS = {"pipeline", "passes", "target", "out", "model", "dynamic", "verify", "inputs", "target_options",
+                "tokenizer"}
 
 
 def load_config(path: str | Path) -> BuildConfig:
@@ -217,6 +219,7 @@ def load_config(path: str | Path) -> BuildConfig:
     cfg.target = data.get("target")
     cfg.out = str(base / data["out"]) if data.get("out") else None
     cfg.inputs = str(base / data["inputs"]) if data.get("inputs") else None
+    cfg.tokenizer = str(base / data["tokenizer"]) if data.get("tokenizer") else None
     if data.get("model"):
         m = str(data["model"])
         file, _, factory = m.rpartition(":")

@@ -9,8 +9,9 @@ the manifest so a bad input gets a clear message, not an error from deep inside 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,11 +116,11 @@ class Engine:
     def generate(self, ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
                  eos_token_id: int | None = None, attention_mask: Any = None, seed: int | None = None) -> torch.Tensor:
         """Greedy (temperature 0) or sampled decoding; returns prompt + new tokens [B, T + n]."""
-        out = None
-        for out in self.stream(ids, max_new_tokens, temperature=temperature, top_k=top_k,
+        last = None
+        for seq in self.stream(ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                eos_token_id=eos_token_id, attention_mask=attention_mask, seed=seed):
-            pass
-        return out if out is not None else torch.as_tensor(np.asarray(ids)).long()
+            last = seq
+        return last if last is not None else torch.as_tensor(np.asarray(ids)).long()
 
     def stream(self, ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
                eos_token_id: int | None = None, attention_mask: Any = None, seed: int | None = None

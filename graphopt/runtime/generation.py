@@ -7,7 +7,8 @@ to logits for every position; the kv-cache pass gives the fast path.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch

@@ -138,6 +138,11 @@ class TorchRunner(Runner):
                                 "incomplete: compile the model again")
         check_pt2_archive(self.path)
         dev = resolve_device(device)
+        # Passes may insert custom ops (graphopt_fusion's graphopt::rotary_embedding); the plugins
+        # that define them register them with torch when they load, which deserializing needs.
+        from graphopt.plugins import get_plugin_manager
+
+        get_plugin_manager()
         try:
             ep = torch.export.load(self.path)
             if dev.type != "cpu":
@@ -148,6 +153,11 @@ class TorchRunner(Runner):
         except ArtifactError:
             raise
         except Exception as e:
+            missing = _unknown_ops(self.path)
+            if missing:
+                raise ArtifactError(f"{self.path} uses the op(s) {', '.join(missing)}, which no loaded plugin "
+                                    "defines; install (or stop disabling) the plugin whose pass inserted "
+                                    "them") from e
             raise ArtifactError(f"torch {torch.__version__} could not load {self.path}: {type(e).__name__}: "
                                 f"{_first_line(str(e))}. It was probably saved by another torch version; "
                                 "compile the model again with this one") from e
@@ -181,6 +191,26 @@ def _to_tensor(i: int, x: Any, device: torch.device) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise InputError(f"input {i} is a {type(x).__name__}; pass a torch tensor or a numpy array")
     return x.to(device)
+
+
+def _unknown_ops(path: Path) -> list[str]:
+    """``torch.ops`` targets the archive's programs call that this process has not registered (a
+    custom op whose plugin is not loaded); torch.export.load only logs which one failed."""
+    import re
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            text = " ".join(z.read(n).decode("utf-8", "replace") for n in z.namelist()
+                            if "/models/" in n and n.endswith(".json"))
+    except (OSError, zipfile.BadZipFile):
+        return []
+    missing = []
+    for ns, name, overload in sorted(set(re.findall(r'"target":\s*"torch\.ops\.(\w+)\.(\w+)\.(\w+)"', text))):
+        try:
+            getattr(getattr(getattr(torch.ops, ns), name), overload)
+        except (AttributeError, RuntimeError):
+            missing.append(f"{ns}::{name}.{overload}")
+    return missing
 
 
 def _first_line(text: str) -> str:
