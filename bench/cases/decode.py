@@ -37,8 +37,8 @@ from bench.systems import graphopt_candidates, on_device
 #: yet shows up in the results as skipped, with the reason.
 GRAPHOPT_PIPELINES = {
     "graphopt cleanup": "cleanup",
-    "graphopt cleanup,kv-cache": "cleanup,kv-cache",
     "graphopt cleanup,fuse,kv-cache": "cleanup,fuse,kv-cache",
+    "graphopt cleanup,fuse,kv-cache(static)": "cleanup,fuse,kv-cache(static=true,max_len=128)",
 }
 
 TINY_LLAMA = {"vocab_size": 8000, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,

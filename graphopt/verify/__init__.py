@@ -1,6 +1,6 @@
 """Verification: policies, metrics, the per-pass verifier, bisection and reproducers."""
 
-from graphopt.verify.metrics import perplexity, token_cosine, top1_agreement
+from graphopt.verify.metrics import heldout_perplexity, logit_cosine, perplexity, token_cosine, top1_agreement
 from graphopt.verify.policies import (
     AllClose,
     Equivalence,
@@ -20,5 +20,5 @@ from graphopt.verify.policies import (
 __all__ = [
     "AllClose", "Equivalence", "Evidence", "Exact", "Metric", "Outcome", "Policy", "Reference",
     "allclose", "equivalence", "exact", "metric", "reference",
-    "perplexity", "token_cosine", "top1_agreement",
+    "heldout_perplexity", "logit_cosine", "perplexity", "token_cosine", "top1_agreement",
 ]

@@ -166,3 +166,32 @@ def test_refuses_bidirectional_attention():
     with pytest.raises(graphopt.PassError):
         graphopt.optimize(model, {"input_ids": ex["input_ids"], "attention_mask": ex["attention_mask"]},
                           "kv-cache", dynamic={k: v for k, v in dyn.items() if k != "token_type_ids"})
+
+
+MATRIX = [(m, attn, cache, target)
+          for m, attn in (("nanogpt", None), ("hf_gpt2", "eager"), ("hf_llama", "eager"), ("shakespeare", "eager"))
+          for cache in ("kv-cache", "kv-cache(static=true,max_len=64)")
+          for target in ("onnx", "torch")]
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("name, attn, cache, target", MATRIX, ids=[f"{m}-{c.split('(')[0]}{'-static' if '(' in c else ''}-{t}"
+                                                                   for m, _, c, t in MATRIX])
+def test_generation_matrix(tmp_path, name, attn, cache, target):
+    """Every sample decoder x dynamic/static cache x onnx/torch: compile (the equivalence policy
+    verifies the cache), then Engine.generate must give the eager model's greedy tokens.
+    Slow (16 compiles): run with `pytest -m matrix`."""
+    if name == "shakespeare" and not (MODELS.parents[1].parent / "shared" / "data").is_dir():
+        pytest.skip("../shared/data is absent (the Shakespeare factory reads its held-out text)")
+    model, ex, dyn = _factory(name, **({"attn_implementation": attn} if attn else {}))
+    art = graphopt.compile(model, ex, f"cleanup,fuse,{cache}", target=target, out=tmp_path / "a", dynamic=dyn)
+    assert art.report["passes"][-1]["verify"]["passed"]
+    eng = graphopt.load(art.path)
+    ids = (ex["input_ids"] if isinstance(ex, dict) else ex[0])[:2, :8]
+    got = eng.generate(ids, 16)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(16):
+            out = model(input_ids=seq).logits if isinstance(ex, dict) else model(seq)
+            seq = torch.cat([seq, out[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, seq)
