@@ -208,3 +208,22 @@ def test_generate_with_ids(capsys, nanogpt_artifact):
     assert ids[:3] == [1, 2, 3] and len(ids) == 8
     code, _, stderr = run_cli(capsys, "generate", nanogpt_artifact, "--prompt", "hello")
     assert code == 2 and "no tokenizer.json" in stderr
+
+
+def test_generate_prompt_on_the_trained_model(capsys, tmp_path):
+    """graphopt generate --prompt on the trained decoder with a KV cache prints readable text."""
+    if not (REPO.parent / "shared" / "data").is_dir():
+        pytest.skip("../shared/data is absent (the Shakespeare factory reads its held-out text)")
+    out = tmp_path / "bard"
+    code, _, _ = run_cli(capsys, "compile", f"{MODELS}/shakespeare.py:build", "--pipeline", "cleanup,fuse,kv-cache",
+                         "--out", out, "-q")
+    assert code == 0
+    assert (out / "tokenizer.json").is_file()  # from the factory file's TOKENIZER
+    code, stdout, _ = run_cli(capsys, "generate", out, "--prompt", "ROMEO:\nI", "--max-new-tokens", "48")
+    assert code == 0
+    text = stdout
+    assert text.startswith("ROMEO:\nI")
+    letters = sum(c.isalpha() or c.isspace() or c in ",.;:'!?-" for c in text)
+    assert letters / len(text) > 0.95, text
+    words = {w.strip(",.;:!?'").lower() for w in text.split()}
+    assert len(words & {"the", "and", "i", "you", "my", "to", "of", "a", "me", "is", "not", "that", "your", "with"}) >= 3, text
