@@ -40,10 +40,11 @@ import torch
 import torch.fx
 
 from graphopt.ir.graph_ir import GraphIR, op_name
+from graphopt.ir.nodes import packet
 from graphopt.passes.base import Pass, PassContext, PassResult
 from graphopt.verify.policies import exact
 
-from .remove_noops import ASSERT_OPS, OpOverload, packet
+from .remove_noops import ASSERT_OPS, OpOverload
 
 log = logging.getLogger(__name__)
 

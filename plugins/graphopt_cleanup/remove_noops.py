@@ -36,6 +36,7 @@ import torch
 import torch.fx
 
 from graphopt.ir.graph_ir import GraphIR, op_name
+from graphopt.ir.nodes import arg, packet, tensor_val
 from graphopt.passes.base import Pass, PassContext, PassResult
 from graphopt.verify.policies import exact
 
@@ -59,24 +60,6 @@ ERASE = object()
 
 
 # -- reading nodes -----------------------------------------------------------------------------
-def packet(node: torch.fx.Node) -> Any:
-    """The op a call node runs, independent of its overload (``aten.add`` for ``aten.add.Tensor``)."""
-    return getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
-
-
-def arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
-    """Argument ``name`` of ``node``, whether it was passed positionally (at ``index``) or by keyword."""
-    if index < len(node.args):
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def tensor_val(x: Any) -> torch.Tensor | None:
-    """The FakeTensor capture left on ``x`` (``None`` for non-nodes and non-tensor values)."""
-    val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
-
-
 def same_sizes(a: Any, b: Any) -> bool:
     """Equal shapes (or strides), where a symbolic dim matches only an identical expression."""
     return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))

@@ -54,7 +54,6 @@ from graphopt.errors import PassError, PassOptionError
 from graphopt.ir.graph_ir import GraphIR, TensorSpec, dtype_name
 from graphopt.passes.base import Pass, PassContext, PassResult
 from graphopt.verify.policies import equivalence
-
 from graphopt_kvcache.decoding import decoding_equivalence
 
 log = logging.getLogger(__name__)
@@ -130,7 +129,6 @@ class KVCache(Pass):
         ex_ids = ir.example_inputs[ir.input_names.index(ids_spec.name)]
         B = int(ex_ids.shape[0])
         new_inputs: list[tuple[str, TensorSpec, torch.Tensor]] = []
-        cache_len_label = "cache" if static else "past"
         L_static = max_len
         new_inputs.append(("past_attention_mask", TensorSpec(
             "past_attention_mask", mask_spec.dtype if mask_spec else "int64", [batch_label, L_static if static else "past"],
@@ -241,13 +239,10 @@ class KVCache(Pass):
                     spec.dynamic[1] = (min(lo, max_len), min(hi, max_len))
         ir.inputs = ir.inputs + [spec for _, spec, _ in new_inputs]
         ir.example_inputs = list(ir.example_inputs) + [ex for _, _, ex in new_inputs]
-        if mask_spec is None:
-            # masks for the new tokens are always an input of a cached graph
-            pass
         total = L_static if static else "past+seq"
         out_specs = list(ir.outputs)
         out_specs.append(TensorSpec("present_attention_mask", "int64", [batch_label, total]))
-        for name, node in presents:
+        for name, _ in presents:
             spec = next(sp for nm, sp, _ in new_inputs if nm == name.replace("present_", "past_"))
             out_specs.append(TensorSpec(name, spec.dtype, [batch_label, spec.shape[1], total, spec.shape[3]]))
         ir.outputs = out_specs
