@@ -170,6 +170,11 @@ def stream_cached(engine: Engine, ids: Any, max_new_tokens: int, *, temperature:
                    **{s.name: _TensorStepper(engine).empty(s, B) for s in engine.inputs
                       if s.name in gen["cache_inputs"]},
                    **({gen["cache_position"]: torch.zeros(1, dtype=torch.int64)} if gen.get("cache_position") else {})})
+    ids_spec = next(s for s in engine.inputs if s.name == gen["ids"])
+    if 1 in ids_spec.dynamic and ids_spec.dynamic[1][0] > 1:
+        raise InputError(f"this artifact's program rejects single-token steps ({gen['ids']} dim 1 starts at "
+                         f"{ids_spec.dynamic[1][0]}; see the lowering notes in report.json), so it cannot decode "
+                         "with its cache; compile it for the onnx target")
     static = bool(gen.get("static"))
     use_ort = hasattr(engine.runner, "session") and engine.target == "onnx"
     stepper = _OrtStepper(engine, static, gen["cache_outputs"], B) if use_ort else _TensorStepper(engine)

@@ -231,12 +231,11 @@ class KVCache(Pass):
             raise PassError(f"kv-cache: {leftover[0].format_node()} still builds a [seq, seq] tensor (a "
                             "position-dependent computation the pass does not understand); cannot rewrite safely")
 
-        # -- interface
-        if static:  # the new tokens of one call must fit the cache
-            for spec in ir.inputs:
-                if spec.name in (ids_spec.name, MASK_NAME) and 1 in spec.dynamic:
-                    lo, hi = spec.dynamic[1]
-                    spec.dynamic[1] = (min(lo, max_len), min(hi, max_len))
+        # -- interface: decode steps feed one token (seq >= 1); the new tokens of one call must fit
+        for spec in ir.inputs:
+            if spec.name in (ids_spec.name, MASK_NAME) and 1 in spec.dynamic:
+                lo, hi = spec.dynamic[1]
+                spec.dynamic[1] = (1, min(hi, max_len) if static else hi)
         ir.inputs = ir.inputs + [spec for _, spec, _ in new_inputs]
         ir.example_inputs = list(ir.example_inputs) + [ex for _, _, ex in new_inputs]
         total = L_static if static else "past+seq"

@@ -185,6 +185,13 @@ def test_generation_matrix(tmp_path, name, attn, cache, target):
         pytest.skip("../shared/data is absent (the Shakespeare factory reads its held-out text)")
     model, ex, dyn = _factory(name, **({"attn_implementation": attn} if attn else {}))
     art = graphopt.compile(model, ex, f"cleanup,fuse,{cache}", target=target, out=tmp_path / "a", dynamic=dyn)
+    if name == "hf_gpt2" and target == "torch":
+        # GPT-2's Conv1D (view(-1, H) -> addmm -> view) makes torch.export guard seq != 1: the compile
+        # narrows the range and decoding refuses clearly. Known limitation, see the issue notes.
+        assert any("seq >= 2" in n for n in art.report["lowering"]["notes"])
+        with pytest.raises(graphopt.InputError, match="rejects single-token steps"):
+            graphopt.load(art.path).generate((ex["input_ids"])[:2, :8], 4)
+        return
     assert art.report["passes"][-1]["verify"]["passed"]
     eng = graphopt.load(art.path)
     ids = (ex["input_ids"] if isinstance(ex, dict) else ex[0])[:2, :8]
