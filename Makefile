@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/graphopt run build/nanogpt
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Side-by-side benchmarks (README "Benchmarks"): results in bench/results/<case>.{md,json,png}
 bench: $(STAMP)
