@@ -38,7 +38,7 @@ Pipeline:
 Run from the repo root::
 
     python samples/shakespeare/train.py                       # ~20 min, writes the checkpoint
-    python samples/shakespeare/train.py --budget-min 2 --out /tmp/sh   # a quick smoke run
+    python samples/shakespeare/train.py --budget-min 2 --out build/sh-smoke   # a quick smoke run
 """
 
 from __future__ import annotations
