@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,7 @@ from transformers.activations import FastGELUActivation, NewGELUActivation
 
 import graphopt
 from graphopt.passes.base import PassContext
+from tests.passes.lowering import lower_and_compare, token_inputs
 
 H = 16
 SPELLED_OUT = ("aten.erf", "aten.tanh", "aten.sigmoid", "aten.pow")
@@ -119,37 +119,21 @@ def gpt2(sample_model_loader):
     return (model, *_optimize(model, inputs, dynamic=dynamic))
 
 
-def _token_inputs(seed, batch, seq, vocab=256):
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
-
-
 def test_gpt2_gelu_new(gpt2):
     model, original, optimized, stats = gpt2
     assert stats["gelu_tanh"] == model.config.n_layer and stats["gelu_erf"] == stats["silu"] == 0
     assert "aten.tanh" not in optimized.op_counts() and "aten.pow" not in optimized.op_counts()
-    inputs = list(_token_inputs(3, 3, 11).values())
+    inputs = list(token_inputs(3, 3, 11).values())
     torch.testing.assert_close(optimized.run(inputs)[0], original.run(inputs)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_gpt2_lowers_to_gelu(gpt2, tmp_path):
     model, _, optimized, _ = gpt2
-    inputs = _token_inputs(4, 3, 9)
-    with torch.no_grad():
-        want = model(**inputs).logits
-    for target, options in (("onnx", {"opset": 23}), ("torch", None)):
-        out = tmp_path / target
-        graphopt.compile(optimized, pipeline="", target=target, out=out, report=None, verify=False,
-                         target_options=options)
-        if target == "onnx":
-            nodes = onnx.load(str(out / "model.onnx")).graph.node
-            gelus = [n for n in nodes if n.op_type == "Gelu"]
-            assert len(gelus) == model.config.n_layer and "Tanh" not in {n.op_type for n in nodes}
-            assert all(a.s == b"tanh" for n in gelus for a in n.attribute if a.name == "approximate")
-            assert sum(n.op_type == "LayerNormalization" for n in nodes) == 2 * model.config.n_layer + 1
-        got = graphopt.load(out)(**inputs)["logits"]
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    nodes = lower_and_compare(optimized, model, token_inputs(4, 3, 9), tmp_path)
+    gelus = [n for n in nodes if n.op_type == "Gelu"]
+    assert len(gelus) == model.config.n_layer and "Tanh" not in {n.op_type for n in nodes}
+    assert all(a.s == b"tanh" for n in gelus for a in n.attribute if a.name == "approximate")
+    assert sum(n.op_type == "LayerNormalization" for n in nodes) == 2 * model.config.n_layer + 1
 
 
 def test_minilm_gelu_is_canonical(sample_model_loader):

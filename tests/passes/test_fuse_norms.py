@@ -4,7 +4,6 @@ torch; GPT-2's norms counted as canonical (nanoGPT's: test_fuse_activations)."""
 
 from __future__ import annotations
 
-import onnx
 import pytest
 import torch
 from graphopt_fusion.fuse_norms import FuseNorms
@@ -13,6 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import graphopt
 from graphopt.passes.base import PassContext
+from tests.passes.lowering import lower_and_compare, token_inputs
 
 H = 32
 DYNAMIC = {"x": {0: (1, 8), 1: (2, 64)}}
@@ -198,12 +198,6 @@ def llama(sample_model_loader):
     return model, original, optimized, stats
 
 
-def _llama_inputs(seed, batch, seq):
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(0, 256, (batch, seq), generator=g),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
-
-
 def test_llama_norms(llama):
     model, original, optimized, stats = llama
     layers = model.config.num_hidden_layers
@@ -212,7 +206,7 @@ def test_llama_norms(llama):
     assert optimized.op_counts()["aten.rms_norm"] == 2 * layers + 1
     for op in ("aten.pow", "aten.mean", "aten.rsqrt"):
         assert op not in optimized.op_counts(), op
-    inputs = list(_llama_inputs(5, 3, 11).values())
+    inputs = list(token_inputs(5, 3, 11).values())
     torch.testing.assert_close(optimized.run(inputs)[0], original.run(inputs)[0], rtol=1e-5, atol=1e-5)
 
 
@@ -220,20 +214,9 @@ def test_llama_lowers_to_rms_normalization(llama, tmp_path):
     model, _, optimized, _ = llama
     # batch 3: at opset 23 torch.onnx's own optimizer turns the (unfused) RoPE into RotaryEmbedding
     # with batch-1 caches, which the onnx backend must expand for ONNX Runtime to accept batch > 1
-    inputs = _llama_inputs(6, 3, 9)
-    with torch.no_grad():
-        want = model(**inputs).logits
-    for target, options in (("onnx", {"opset": 23}), ("torch", None)):
-        out = tmp_path / target
-        # the pipeline already verified the graph; the engine is checked against the model below
-        graphopt.compile(optimized, pipeline="", target=target, out=out, report=None, verify=False,
-                         target_options=options)
-        if target == "onnx":
-            ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
-            assert ops.count("RMSNormalization") == 2 * model.config.num_hidden_layers + 1
-            assert "ReduceMean" not in ops
-        got = graphopt.load(out)(**inputs)["logits"]
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    ops = [n.op_type for n in lower_and_compare(optimized, model, token_inputs(6, 3, 9), tmp_path)]
+    assert ops.count("RMSNormalization") == 2 * model.config.num_hidden_layers + 1
+    assert "ReduceMean" not in ops
 
 
 def test_gpt2_layer_norms_are_canonical(sample_model_loader):

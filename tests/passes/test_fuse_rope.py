@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import graphopt
 from graphopt.passes.base import PassContext
+from tests.passes.lowering import lower_and_compare, token_inputs
 
 HEADS, KV_HEADS, D = 4, 2, 16
 ROTARY = "graphopt.rotary_embedding"
@@ -213,36 +214,20 @@ def llama(sample_model_loader):
     return (model, *_optimize(model, inputs, dynamic=dynamic))
 
 
-def _token_inputs(seed, batch, seq):
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(0, 256, (batch, seq), generator=g),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
-
-
 def test_llama_rope(llama):
     model, original, optimized, stats = llama
     layers = model.config.num_hidden_layers
     assert stats == {"rope": 2 * layers, "not_fused": 0}                      # q and k of every layer
     ops = optimized.op_counts()
     assert ops[ROTARY] == 2 * layers and "aten.neg" not in ops
-    inputs = list(_token_inputs(5, 3, 11).values())
+    inputs = list(token_inputs(5, 3, 11).values())
     torch.testing.assert_close(optimized.run(inputs)[0], original.run(inputs)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_llama_lowers_to_rotary_embedding(llama, tmp_path):
     model, _, optimized, _ = llama
-    inputs = _token_inputs(6, 3, 9)
-    with torch.no_grad():
-        want = model(**inputs).logits
-    for target, options in (("onnx", {"opset": 23}), ("torch", None)):
-        out = tmp_path / target
-        graphopt.compile(optimized, pipeline="", target=target, out=out, report=None, verify=False,
-                         target_options=options)
-        if target == "onnx":
-            ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
-            assert ops.count("RotaryEmbedding") == 2 * model.config.num_hidden_layers and "Neg" not in ops
-        got = graphopt.load(out)(**inputs)["logits"]
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    ops = [n.op_type for n in lower_and_compare(optimized, model, token_inputs(6, 3, 9), tmp_path)]
+    assert ops.count("RotaryEmbedding") == 2 * model.config.num_hidden_layers and "Neg" not in ops
 
 
 def test_nanogpt_has_no_rope(sample_model_loader):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import operator
 
-import onnx
 import pytest
 import torch
 import torch.fx
@@ -16,6 +15,7 @@ from torch import nn
 import graphopt
 from graphopt.ir.graph_ir import GraphIR
 from graphopt.passes.base import PassContext
+from tests.passes.lowering import lower_and_compare, token_inputs
 
 aten = torch.ops.aten
 H = 16
@@ -123,12 +123,6 @@ def llama(sample_model_loader):
     return (model, *_optimize(model, inputs, dynamic=dynamic))
 
 
-def _token_inputs(seed, batch, seq):
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(0, 256, (batch, seq), generator=g),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
-
-
 def test_llama_qkv_and_gate_up(llama):
     model, original, optimized, stats = llama
     layers = model.config.num_hidden_layers
@@ -143,23 +137,14 @@ def test_llama_qkv_and_gate_up(llama):
     names = list(optimized.graph_module.state_dict())
     for merged_away in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
         assert not any(merged_away in n for n in names), merged_away   # no weight kept twice
-    inputs = list(_token_inputs(5, 3, 11).values())
+    inputs = list(token_inputs(5, 3, 11).values())
     torch.testing.assert_close(optimized.run(inputs)[0], original.run(inputs)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_llama_lowers(llama, tmp_path):
     model, _, optimized, _ = llama
-    inputs = _token_inputs(6, 4, 7)
-    with torch.no_grad():
-        want = model(**inputs).logits
-    for target in ("onnx", "torch"):
-        out = tmp_path / target
-        graphopt.compile(optimized, pipeline="", target=target, out=out, report=None, verify=False)
-        if target == "onnx":
-            ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
-            assert ops.count("Split") >= 2 * model.config.num_hidden_layers
-        got = graphopt.load(out)(**inputs)["logits"]
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    ops = [n.op_type for n in lower_and_compare(optimized, model, token_inputs(6, 4, 7), tmp_path, opset=None)]
+    assert ops.count("Split") >= 2 * model.config.num_hidden_layers
 
 
 def test_minilm_biased_qkv(sample_model_loader):
