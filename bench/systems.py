@@ -6,7 +6,9 @@ production caller would repeat — inputs are prepared (numpy arrays bound, tens
 before timing — and raises :class:`bench.harness.SkipSystem` when the system cannot run here.
 
 Thread settings: torch uses ``torch.set_num_threads(threads)`` (set once by ``bench/run.py``);
-every ONNX Runtime session gets ``intra_op_num_threads=threads`` and one inter-op thread.
+every ONNX Runtime session gets ``intra_op_num_threads=threads``, one inter-op thread and no
+spinning of idle threads (graphopt's ONNX Runtime artifacts too: ``spinning=False``), so a session
+waiting for its next turn does not steal the cores of the system being timed.
 """
 
 from __future__ import annotations
@@ -152,6 +154,9 @@ def ort_session(path: Path, ctx: BenchContext) -> Any:
     opts.intra_op_num_threads = ctx.threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # No spinning: systems run interleaved in one process, and an idle session's spinning threads
+    # would steal the cores from whichever system runs next (torch eager included).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=ort_providers(ctx.device))
 
@@ -228,7 +233,7 @@ def load_engine(path: Path, target: str, ctx: BenchContext) -> Any:
     import graphopt
 
     if target == "onnx":
-        return graphopt.load(path, providers=ort_providers(ctx.device), threads=ctx.threads)
+        return graphopt.load(path, providers=ort_providers(ctx.device), threads=ctx.threads, spinning=False)
     if target == "torch":
         return graphopt.load(path, device=ctx.device)
     return graphopt.load(path)

@@ -143,7 +143,8 @@ class OnnxBackend(Backend):
     2.13; default: the exporter's default, or the opset of the graph's fused ops when higher: 23
     for ``scaled_dot_product_attention`` → ``Attention``, see :func:`resolve_opset`), ``external_data`` (``"auto"``, ``True``,
     ``False``). Options (``load``): ``providers`` (onnxruntime execution providers, in order),
-    ``threads`` (intra-op threads).
+    ``threads`` (intra-op threads), ``spinning`` and ``disabled_optimizers`` (see
+    :class:`~graphopt.runtime.onnx_runner.OnnxRuntimeRunner`).
     """
 
     name = "onnx"
@@ -200,7 +201,8 @@ class OnnxBackend(Backend):
             notes=notes)
 
     def load(self, artifact_dir: Path, manifest: dict[str, Any], providers: list[str] | None = None,
-             threads: int | None = None, **_: Any) -> OnnxRuntimeRunner:
+             threads: int | None = None, spinning: bool | None = None,
+             disabled_optimizers: list[str] | None = None, **_: Any) -> OnnxRuntimeRunner:
         from graphopt.runtime.onnx_runner import OnnxRuntimeRunner
 
         payload = _payload(manifest)
@@ -212,7 +214,8 @@ class OnnxBackend(Backend):
         if data is not None and (not isinstance(data, str) or Path(data).name != data):
             raise ArtifactError(f"manifest names external data file {data!r}; it must be a file name "
                                 "inside the artifact directory")
-        return OnnxRuntimeRunner(Path(artifact_dir) / file, providers=providers, threads=threads)
+        return OnnxRuntimeRunner(Path(artifact_dir) / file, providers=providers, threads=threads,
+                                 spinning=spinning, disabled_optimizers=disabled_optimizers)
 
 
 # -- opset and IR version -----------------------------------------------------------------------

@@ -97,6 +97,20 @@ def test_sdpa_is_the_standard_attention_op_at_opset_23(artifact):
     assert "Attention" in ops
 
 
+@pytest.mark.parametrize("settings", [{}, {"disabled_optimizers": []}, {"spinning": False}],
+                         ids=["cpu-default", "all-ort-fusions", "no-spinning"])
+def test_runner_session_settings_keep_the_numbers(captured, artifact, settings):
+    """ONNX Runtime fusions measured slower on CPU are off by default; every setting gives the
+    module's outputs."""
+    from graphopt.runtime.onnx_runner import CPU_DISABLED_OPTIMIZERS
+
+    model, _, fresh = captured["attention-sdpa"]
+    runner = _load(*artifact("attention-sdpa", 23), **settings)
+    want = settings.get("disabled_optimizers", list(CPU_DISABLED_OPTIMIZERS))
+    assert runner.disabled_optimizers == want
+    assert _err(runner.run(list(fresh)), _eager(model, fresh)) <= ATOL
+
+
 # -- structure of the file --------------------------------------------------------------------
 def test_names_dims_ir_version_and_checker(captured, artifact):
     _, ir, _ = captured["mlp"]
