@@ -58,3 +58,9 @@ class Backend:
 
     def load(self, artifact_dir: Path, manifest: dict[str, Any], **options: Any) -> Runner:
         raise NotImplementedError
+
+    def load_for_verification(self, artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
+        """The runner the compiler checks a freshly lowered payload with (default: :meth:`load`).
+        A backend whose payload cannot run on the build machine (a TensorRT artifact without an
+        engine yet) returns a runner for what it can check here."""
+        return self.load(artifact_dir, manifest)

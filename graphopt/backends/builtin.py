@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from graphopt.backends.onnx import OnnxBackend
+from graphopt.backends.tensorrt import TensorRTBackend
 from graphopt.backends.torch import TorchBackend
 from graphopt.hookspecs import hookimpl
 
@@ -17,3 +18,4 @@ from graphopt.hookspecs import hookimpl
 def graphopt_register_backends(register: Any) -> None:
     register(OnnxBackend)
     register(TorchBackend)
+    register(TensorRTBackend)
