@@ -99,7 +99,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     art = graphopt.compile(module, example_inputs, pipeline=pipeline, target=target, out=out, dynamic=dynamic or None,
                            verify=not (args.no_verify or not cfg.verify), dump_ir=args.dump_ir,
                            report=None if args.report == "json" else "html", inputs=args.inputs or cfg.inputs,
-                           target_options=cfg.target_options, n_random=args.random_inputs,
+                           target_options=_require_engine(args, target, cfg.target_options), n_random=args.random_inputs,
                            progress=progress, model_spec=model_spec,
                            tokenizer=args.tokenizer or cfg.tokenizer or factory_tokenizer(factory_file))
     from graphopt.report import format_table
@@ -300,6 +300,57 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     return EXIT_VERIFY if result.guilty_pass else EXIT_OK
 
 
+def _require_engine(args: argparse.Namespace, target: str, options: dict | None) -> dict | None:
+    """--require-engine → the tensorrt backend's ``build=true`` (it refuses before anything is written)."""
+    if not getattr(args, "require_engine", False):
+        return options
+    from graphopt.errors import InputError
+
+    if target != "tensorrt":
+        raise InputError(f"--require-engine applies to --target tensorrt, not {target!r}")
+    return {**(options or {}), "build": True}
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    """Complete a --target tensorrt artifact in place: build model.plan, verify it, swap atomically."""
+    from graphopt.backends.tensorrt import build_engine_in_place
+
+    facts = build_engine_in_place(args.dir, cache_dir=args.cache_dir, rebuild=args.rebuild, verify=not args.no_verify)
+    if facts.get("status") == "present":
+        print(f"{args.dir} already has a TensorRT {facts.get('tensorrt')} engine for compute capability "
+              f"{facts.get('compute_capability')}; pass --rebuild to build it again")
+        return EXIT_OK
+    v = facts.get("verification") or {}
+    checked = (f", verified on the stored examples (worst error {v['worst_error']:.3g})" if v.get("passed")
+               else ", not verified (--no-verify)")
+    print(f"built TensorRT {facts['tensorrt']} engine for compute capability {facts['compute_capability']} "
+          f"({facts['status']}; cache key {facts['cache_key'][:16]}…){checked}")
+    print(f"artifact: {args.dir} (model.plan added, manifest updated atomically)")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Static TensorRT compatibility check: exit 0 clean (warnings allowed), 1 errors found, 2 bad input."""
+    from graphopt.backends.tensorrt_check import check_onnx
+    from graphopt.errors import InputError
+
+    target, _, version = args.target.partition("=")
+    if target != "tensorrt":
+        raise InputError(f"--target {args.target!r}: only 'tensorrt' or 'tensorrt=VERSION' (e.g. tensorrt=10.15) "
+                         f"can be checked")
+    loaded = {}
+    for flag, path in (("--build-config", args.build_config), ("--profiles", args.profiles)):
+        if path:
+            try:
+                loaded[flag] = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise InputError(f"{flag} {path}: cannot read it as JSON ({e})") from None
+    report = check_onnx(args.file, version=version or None, profiles=loaded.get("--profiles"),
+                        build_config=loaded.get("--build-config"))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return EXIT_OK if report.ok else EXIT_VERIFY
+
+
 # -- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     import graphopt
@@ -337,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass as DIR/NNN_<pass>.txt")
     c.add_argument("--random-inputs", type=int, default=1, metavar="N",
                    help="fresh random input sets verified besides the example inputs (default 1)")
+    c.add_argument("--require-engine", action="store_true",
+                   help="--target tensorrt: fail (exit 2, nothing written) unless a TensorRT engine is built now; "
+                        "without it, a machine lacking TensorRT or a GPU writes the ONNX + build.json for build-engine")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     c.set_defaults(func=cmd_compile)
 
@@ -381,6 +435,43 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model")
     b.add_argument("--pipeline", help="pipeline text (default: the reproducer's)")
     b.set_defaults(func=cmd_bisect)
+
+    ck = sub.add_parser("check", help="static TensorRT compatibility report of an ONNX file",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Check FILE.onnx (or an artifact directory holding model.onnx) against a TensorRT "
+                                    "release without TensorRT or a GPU: operator support per version, Q/DQ rules, "
+                                    "precision flags removed in TensorRT 11, optimization profiles, IR/opset range. "
+                                    "Every finding names the node and the fix.",
+                        epilog="exit codes: 0 no errors (warnings allowed), 1 errors found, 2 usage or input error.\n"
+                               "A build.json next to FILE is read for builder flags and profiles unless "
+                               "--build-config is given.\nexample: graphopt check --target tensorrt=10.15 "
+                               "build/llama-trt/model.onnx")
+    ck.add_argument("file", metavar="FILE.onnx", help="ONNX model, or an artifact directory with model.onnx")
+    ck.add_argument("--target", default="tensorrt", metavar="tensorrt[=VERSION]",
+                    help="TensorRT release to check against, e.g. tensorrt=10.15 or tensorrt=11 "
+                         "(default: the newest recorded release)")
+    ck.add_argument("--build-config", metavar="build.json", help="builder settings (flags, profiles) as JSON")
+    ck.add_argument("--profiles", metavar="FILE.json", help="optimization profiles as JSON: "
+                    "{input: {min: [...], opt: [...], max: [...]}} or {name: {input: ...}} for several")
+    ck.add_argument("--json", action="store_true", help="print the report as JSON")
+    ck.set_defaults(func=cmd_check)
+
+    be = sub.add_parser("build-engine", help="build the TensorRT engine of a --target tensorrt artifact (GPU node)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Complete an artifact compiled with --target tensorrt where TensorRT or a GPU was "
+                                    "missing: build model.plan from its model.onnx and build.json (engine cache keyed "
+                                    "by the ONNX bytes, every builder setting, the TensorRT version and the GPU's "
+                                    "compute capability; timing cache reused), run it on the stored example inputs "
+                                    "against the original module's outputs, and replace the artifact atomically.",
+                        epilog="exit codes: 0 built (or already present), 1 the engine does not reproduce the module,\n"
+                               "2 TensorRT or a GPU missing, or not a tensorrt artifact.\n"
+                               "example: graphopt build-engine build/llama-trt")
+    be.add_argument("dir", help="artifact directory (compiled with --target tensorrt)")
+    be.add_argument("--cache-dir", metavar="DIR", help="engine cache (default $GRAPHOPT_TRT_CACHE or "
+                    "~/.cache/graphopt/tensorrt)")
+    be.add_argument("--rebuild", action="store_true", help="build again even if the artifact has an engine")
+    be.add_argument("--no-verify", action="store_true", help="skip running the engine on the stored examples")
+    be.set_defaults(func=cmd_build_engine)
     return p
 
 

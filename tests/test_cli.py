@@ -106,7 +106,7 @@ def test_tampered_payload_exits_2_with_a_checksum_message(capsys, tmp_path, nano
     (["compile", f"{MODELS}/nanogpt.py:nope"], "has no function 'nope'"),
     (["compile", f"{MODELS}/nanogpt.py:build", "--pipeline", "cleanup,nope"], "unknown pass 'nope'; valid names:"),
     (["compile", f"{MODELS}/nanogpt.py:build", "--pipeline", "remove-noops(x=1)"], "has no option 'x'"),
-    (["compile", f"{MODELS}/nanogpt.py:build", "--target", "tpu"], "unknown target 'tpu'; valid targets: onnx, torch"),
+    (["compile", f"{MODELS}/nanogpt.py:build", "--target", "tpu"], "unknown target 'tpu'; valid targets: onnx, tensorrt, torch"),
     (["compile", f"{MODELS}/nanogpt.py:build", "--dynamic", "idx:1=2"], "NAME:DIM=MIN..MAX"),
     (["compile", f"{MODELS}/nanogpt.py:build", "--dynamic", "idx:1=2..4"], "outside its dynamic range"),
     (["run", "/no/such/artifact"], "does not exist"),

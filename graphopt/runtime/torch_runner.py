@@ -22,15 +22,22 @@ Devices: ``device=None`` picks CUDA when torch sees a GPU, else CPU. The program
 graph, unlike ``Module.to``). Outputs are returned on the runner's device (no copy back to the
 host); callers that need CPU tensors call ``.cpu()``.
 
-Thread safety: the unlifted ``GraphModule`` holds no per-call state and ``torch.inference_mode``
-is thread-local, so one runner serves concurrent calls.
+Thread safety: the unlifted ``GraphModule`` holds no per-call state (graphopt's programs take
+their KV cache as inputs and return it; no buffer is mutated in place) and ``torch.inference_mode``
+is thread-local, so one runner serves concurrent calls. Inputs are converted per call and never
+written to. A program that does mutate buffers (:func:`mutated_state`, e.g. a hand-written model
+updating a buffer in ``forward``) is shared state: its calls are serialized with a lock, so they
+stay correct, one at a time. ``close()`` only drops the reference: calls already running keep the
+module alive; later calls get an ArtifactError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import threading
 import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -149,6 +156,7 @@ class TorchRunner(Runner):
                 from torch.export.passes import move_to_device_pass
 
                 ep = move_to_device_pass(ep, dev)
+            mutated = mutated_state(ep)
             self.module = ep.module()
         except ArtifactError:
             raise
@@ -163,14 +171,20 @@ class TorchRunner(Runner):
                                 "compile the model again with this one") from e
         self.device = str(dev)
         self._device = dev
+        # Buffers written by forward are state shared by every caller: serialize those programs.
+        self.mutated_buffers = mutated
+        self._lock: threading.Lock | None = threading.Lock() if self.mutated_buffers else None
 
     def run(self, inputs: list[Any]) -> list[torch.Tensor]:
         """Run on flat inputs in manifest order (torch tensors or numpy arrays); outputs as torch
         tensors on the runner's device."""
+        module = self.module  # one read: close() from another thread cannot pull it away mid-call
+        if module is None:
+            raise ArtifactError(f"{self!r} was closed; load the artifact again to run it")
         args = [_to_tensor(i, x, self._device) for i, x in enumerate(inputs)]
-        with torch.inference_mode():
+        with self._lock or contextlib.nullcontext(), torch.inference_mode():
             try:
-                out = self.module(*args)
+                out = module(*args)
             except (AssertionError, RuntimeError) as e:
                 text = str(e)
                 if "Guard failed" in text or text.startswith("Expected input"):
@@ -183,6 +197,33 @@ class TorchRunner(Runner):
 
     def __repr__(self) -> str:
         return f"TorchRunner({self.path.name}, device={self.device!r})"
+
+
+def mutated_state(ep: torch.export.ExportedProgram) -> list[str]:
+    """Buffers and parameters that running ``ep`` writes: those the signature lists as mutated
+    (functional programs) and those written in place by a mutable op inside the graph, directly or
+    through a view (torch 2.13 keeps ``add_`` on a buffer in the exported graph)."""
+    sig = ep.graph_signature
+    names = set(sig.buffers_to_mutate.values())
+    state = {**sig.inputs_to_buffers, **sig.inputs_to_parameters}  # placeholder name -> fqn
+    for node in ep.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        for i, arg in enumerate(schema.arguments):
+            info = arg.alias_info
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if info is None or not info.is_write or not isinstance(value, torch.fx.Node):
+                continue
+            base = value
+            while base.op == "call_function" and base.args and isinstance(base.args[0], torch.fx.Node):
+                base_schema = getattr(base.target, "_schema", None)  # follow views back to their base
+                if base_schema is None or not base_schema.returns or base_schema.returns[0].alias_info is None:
+                    break
+                base = base.args[0]
+            if base.op == "placeholder" and base.name in state:
+                names.add(state[base.name])
+    return sorted(names)
 
 
 def _to_tensor(i: int, x: Any, device: torch.device) -> torch.Tensor:
