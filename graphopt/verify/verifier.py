@@ -180,6 +180,10 @@ class Verifier:
         self.input_sets = input_sets
         self.original_outputs = [original.run(inp) for inp in input_sets]
         self.previous = self.original_outputs
+        # After a lossy pass (a Metric policy: pruning, quantization) has been accepted, later
+        # closeness policies (exact, allclose) hold each pass to the graph before it; Metric
+        # policies keep judging quality against the original.
+        self.baseline = self.original_outputs
         self._ref64: list[list[torch.Tensor]] | None = None
         self._ref64_done = False
 
@@ -209,7 +213,10 @@ class Verifier:
                 record["rebased"] = True
             return outcome, record
         candidate = [ir.run(inp) for inp in self.input_sets]
-        ev = Evidence(output_names=names, original=self.original_outputs, candidate=candidate,
+        from graphopt.verify.policies import Metric
+
+        lossy = isinstance(policy, Metric)
+        ev = Evidence(output_names=names, original=self.original_outputs if lossy else self.baseline, candidate=candidate,
                       reference64=self.reference64, original_ir=self.original, candidate_ir=ir,
                       inputs=self.input_sets)
         outcome = policy.check(ev)
@@ -222,6 +229,10 @@ class Verifier:
                   "input_sets": len(self.input_sets)}
         if outcome.passed:
             self.previous = candidate
+            if lossy:
+                self.baseline = candidate
+        if self.baseline is not self.original_outputs and not lossy:
+            record["checked_against"] = "the graph after the last lossy pass"
         return outcome, record
 
     def rebase(self, ir: GraphIR) -> None:
@@ -231,7 +242,7 @@ class Verifier:
         self.original = ir.copy()
         self.input_sets = make_verification_inputs(self.original, n_random=max(len(self.input_sets) - 1, 1))
         self.original_outputs = [self.original.run(inp) for inp in self.input_sets]
-        self.previous = self.original_outputs
+        self.previous = self.baseline = self.original_outputs
         self._ref64, self._ref64_done = None, False
 
 
