@@ -91,7 +91,8 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
              verify: bool = True, dump_ir: str | None = None, repro_dir: str | None = None,
              extra_inputs: list[list[torch.Tensor]] | None = None, n_random: int = 1,
              progress: Callable[..., None] | None = None, model_spec: str | None = None,
-             report: Report | None = None) -> tuple[GraphIR, GraphIR, Report, Verifier | None]:
+             report: Report | None = None, artifact_dir: str | Path | None = None,
+             tokenizer: str | Path | None = None) -> tuple[GraphIR, GraphIR, Report, Verifier | None]:
     """Capture (unless given a GraphIR) and run the pipeline with per-pass verification.
 
     Returns ``(original, optimized, report, verifier)``.
@@ -113,6 +114,10 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
     ctx = PassContext(original=original, pipeline_text=text, verify=verify, verifier=verifier,
                       dump_ir=dump_ir, repro_dir=repro_dir, report=report, progress=progress)
     ctx.data["model_spec"] = model_spec
+    # where the artifact goes (passes may reuse what a previous build left there, e.g. calibration
+    # scales) and the model's tokenizer (passes that read text, e.g. calibrate)
+    ctx.data["artifact_dir"] = str(artifact_dir) if artifact_dir is not None else None
+    ctx.data["tokenizer"] = str(tokenizer) if tokenizer else None
     optimized = PassManager(passes, pm.hook).run(ir, ctx)
     return original, optimized, report, verifier
 
@@ -156,7 +161,8 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
     repro_dir = str(out.with_name(out.name + ".repro"))
     original, optimized, rep, verifier = optimize(
         ir, pipeline=pipeline, verify=verify, dump_ir=dump_ir, repro_dir=repro_dir, extra_inputs=extra,
-        n_random=n_random, progress=progress, model_spec=model_spec, report=rep)
+        n_random=n_random, progress=progress, model_spec=model_spec, report=rep, artifact_dir=out,
+        tokenizer=tokenizer)
 
     with ArtifactWriter(out) as w:
         if progress:
@@ -178,7 +184,9 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
                     f"the {target} artifact does not reproduce the original graph: {low['verify']['message']}\n"
                     f"  the optimized graph verified; the lowering to {target!r} changed the numerics. "
                     f"Report this with the pipeline {rep.data['pipeline']!r}", record=low["verify"])
-        _save_examples(w.dir, original)
+        _save_examples(w.dir, optimized if (optimized.meta.get("lowering_check") or {}).get("against") == "optimized"
+                       else original)
+        _save_pass_files(w.dir, optimized, manifest)
         if tokenizer:
             tok = Path(tokenizer)
             if not tok.is_file():
@@ -207,24 +215,61 @@ def _manifest(ir: GraphIR, original: GraphIR, target: str, lowered: Any, rep: Re
         "call_convention": original.call_convention,
         "inputs": [s.to_json() for s in ir.inputs], "outputs": [s.to_json() for s in ir.outputs],
         "out_structure": ir.out_structure,
-        "examples": {"inputs": "example_inputs.npz", "outputs": "expected_outputs.npz"},
+        "examples": {"inputs": "example_inputs.npz", "outputs": "expected_outputs.npz",
+                     # whose outputs: the original module's, or the optimized graph's after a lossy
+                     # pass that asked the artifact to reproduce its result (pruning)
+                     "outputs_of": "optimized" if (ir.meta.get("lowering_check") or {}).get("against") == "optimized"
+                     else "original"},
         "generation": ir.meta.get("generation"),
+        "sparsity": ir.meta.get("sparsity"),  # set by prune (2:4 / unstructured masks): backends may use it
         "files": {},
     }
 
 
+def lowering_policy(backend, ir: GraphIR):
+    """How the lowered artifact is checked against the original graph: the backend's allclose, unless
+    a pass declared in ``ir.meta["lowering_check"]`` that the graph no longer computes in the
+    original precision (the precision pass: ``{"policy": "reference", "tol": ..., "multiplier": ...}``);
+    then the artifact is held to that pass's own reference policy (error vs an fp64 run of the
+    original), since an fp32 allclose cannot hold for an fp16 program."""
+    from graphopt.verify.policies import reference
+
+    declared = ir.meta.get("lowering_check") or {}
+    if declared.get("policy") == "reference":
+        return reference(tol=float(declared.get("tol", 1e-4)), multiplier=float(declared.get("multiplier", 3.0)))
+    if declared.get("policy") == "metric":  # quantization: integer kernels may round a value to the next level
+        from graphopt.verify.policies import metric
+
+        return metric(min_cosine=float(declared.get("min_cosine", 0.999)))
+    return allclose(rtol=backend.rtol, atol=backend.atol)
+
+
+def lowering_reference(verifier: Verifier, ir: GraphIR, inputs: list | None = None) -> list:
+    """The outputs the lowered artifact must reproduce: the original graph's, unless a lossy pass
+    verified by quality metrics (pruning) declared ``ir.meta["lowering_check"]["against"] =
+    "optimized"``; then the optimized graph's own outputs (the pass already bounded its distance to
+    the original). ``inputs``: one input set (default: the verifier's sets, a list of outputs each)."""
+    optimized = (ir.meta.get("lowering_check") or {}).get("against") == "optimized"
+    if inputs is not None:
+        return (ir if optimized else verifier.original).run(inputs)
+    return [ir.run(inp) for inp in verifier.input_sets] if optimized else verifier.original_outputs
+
+
 def _verify_lowered(backend, path: Path, manifest: dict, verifier: Verifier | None, names: list[str],
                     ir: GraphIR) -> dict:
-    runner = backend.load(path, manifest)
+    load = getattr(backend, "load_for_verification", None) or backend.load  # backends not derived from Backend
+    runner = load(path, manifest)
     try:
-        policy = allclose(rtol=backend.rtol, atol=backend.atol)
+        policy = lowering_policy(backend, ir)
         from graphopt.verify.policies import Evidence, max_abs_error
 
         candidate = [runner.run(inp) for inp in verifier.input_sets]
         candidate = [[t.detach().cpu() for t in outs] for outs in candidate]
-        ev = Evidence(output_names=names, original=verifier.original_outputs, candidate=candidate)
+        want = lowering_reference(verifier, ir)
+        ev = Evidence(output_names=names, original=want, candidate=candidate,
+                      reference64=verifier.reference64)
         outcome = policy.check(ev)
-        err = max_abs_error(verifier.original_outputs, candidate, names)[0]
+        err = max_abs_error(want, candidate, names)[0]  # vs what it must reproduce (the pruned graph after pruning)
         record = {"policy": policy.describe(), "passed": outcome.passed, "message": outcome.message,
                   "error_vs_original": err, "worst_output": outcome.worst_output,
                   "input_sets": len(verifier.input_sets)}
@@ -241,7 +286,7 @@ def _probe_minimum_sizes(runner, verifier: Verifier, ir: GraphIR, manifest: dict
     in the manifest, so the Engine rejects such inputs with a clear message instead of failing
     inside the runtime. Returns what was narrowed, for the report."""
     from graphopt.verify.policies import Evidence
-    from graphopt.verify.verifier import inputs_with_sizes
+    from graphopt.verify.verifier import inputs_with_sizes, run_float64
 
     labels: dict[str, tuple[int, int]] = {}
     for spec in ir.inputs:
@@ -254,7 +299,9 @@ def _probe_minimum_sizes(runner, verifier: Verifier, ir: GraphIR, manifest: dict
             inputs = inputs_with_sizes(ir, {label: size}, seed=size)
             try:
                 got = [t.detach().cpu() for t in runner.run(inputs)]
-                ok = policy.check(Evidence(ir.output_names, [verifier.original.run(inputs)], [got])).passed
+                ok = policy.check(Evidence(ir.output_names, [lowering_reference(verifier, ir, inputs)], [got],
+                                           reference64=lambda inputs=inputs: [run_float64(verifier.original, inputs)])
+                                  ).passed
             except Exception:  # a runtime refusing the size: guards, shape checks
                 ok = False
             if ok:
@@ -268,11 +315,25 @@ def _probe_minimum_sizes(runner, verifier: Verifier, ir: GraphIR, manifest: dict
 
 
 def _save_examples(d: Path, original: GraphIR) -> None:
-    """Example inputs and the ORIGINAL model's outputs on them: `graphopt run DIR` replays them."""
+    """Example inputs and the ORIGINAL model's outputs on them: `graphopt run DIR` replays them.
+    (After a lossy pass that declared it, e.g. pruning: the optimized graph's outputs.)"""
     np.savez(d / "example_inputs.npz", **{n: t.detach().cpu().numpy() for n, t in
                                          zip(original.input_names, original.example_inputs)})
     outs = original.run()
     np.savez(d / "expected_outputs.npz", **{n: t.detach().cpu().numpy() for n, t in zip(original.output_names, outs)})
+
+
+def _save_pass_files(d: Path, ir: GraphIR, manifest: dict) -> None:
+    """Files passes ask to ship in the artifact: ``ir.meta["artifact_files"] = {name: text}`` (e.g. the
+    calibration scales of graphopt-quant, reused on rebuild). Plain names only; listed in the
+    manifest under ``pass_files`` and checksummed like every other file."""
+    files = ir.meta.get("artifact_files") or {}
+    for name, text in files.items():
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or (d / name).exists():
+            raise InputError(f"a pass asked to write artifact file {name!r}: it must be a new plain file name")
+        (d / name).write_text(text)
+    if files:
+        manifest["pass_files"] = sorted(files)
 
 
 def _verification_summary(rep: Report) -> dict:
