@@ -49,6 +49,9 @@ class _Progress:
                   f"{v.get('policy', '')} {status}{err_s}", file=sys.stderr, flush=True)
         elif event == "lower":
             print(f"[lower] {kw['target']} ...", end="", file=sys.stderr, flush=True)
+        elif event == "calibrate":  # graphopt-quant: observing calibration batches
+            print(f" {kw['done']}/{kw['total']}" if kw["done"] == kw["total"] or kw["done"] % 8 == 0 else "",
+                  end="", file=sys.stderr, flush=True)
         elif event == "lowered":
             rec = kw.get("record") or {}
             v = rec.get("verify") or {}
