@@ -185,7 +185,7 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
                     f"  the optimized graph verified; the lowering to {target!r} changed the numerics. "
                     f"Report this with the pipeline {rep.data['pipeline']!r}", record=low["verify"])
         _save_examples(w.dir, optimized if (optimized.meta.get("lowering_check") or {}).get("against") == "optimized"
-                       else original)
+                       else original, (optimized.meta.get("padding_removed") or {}).get("mask"))
         _save_pass_files(w.dir, optimized, manifest)
         if tokenizer:
             tok = Path(tokenizer)
@@ -221,7 +221,9 @@ def _manifest(ir: GraphIR, original: GraphIR, target: str, lowered: Any, rep: Re
                      "outputs_of": "optimized" if (ir.meta.get("lowering_check") or {}).get("against") == "optimized"
                      else "original"},
         "generation": ir.meta.get("generation"),
-        "sparsity": ir.meta.get("sparsity"),  # set by prune (2:4 / unstructured masks): backends may use it
+        "sparsity": ir.meta.get("sparsity"),
+        # remove-padding ran: {"mask": input, "outputs": [...]}; those outputs are 0 where mask == 0
+        "padding_removed": ir.meta.get("padding_removed"),  # set by prune (2:4 / unstructured masks): backends may use it
         "files": {},
     }
 
@@ -236,12 +238,25 @@ def lowering_policy(backend, ir: GraphIR):
 
     declared = ir.meta.get("lowering_check") or {}
     if declared.get("policy") == "reference":
-        return reference(tol=float(declared.get("tol", 1e-4)), multiplier=float(declared.get("multiplier", 3.0)))
-    if declared.get("policy") == "metric":  # quantization: integer kernels may round a value to the next level
+        policy = reference(tol=float(declared.get("tol", 1e-4)), multiplier=float(declared.get("multiplier", 3.0)))
+    elif declared.get("policy") == "metric":  # quantization: integer kernels may round a value to the next level
         from graphopt.verify.policies import metric
 
-        return metric(min_cosine=float(declared.get("min_cosine", 0.999)))
-    return allclose(rtol=backend.rtol, atol=backend.atol)
+        policy = metric(min_cosine=float(declared.get("min_cosine", 0.999)))
+    else:
+        policy = allclose(rtol=backend.rtol, atol=backend.atol)
+    if declared.get("padding_mask"):  # remove-padding: padded positions are zeros by design
+        policy.ignoring_padding(declared["padding_mask"])
+    return policy
+
+
+def _padding_view(policy, ir: GraphIR, input_sets: list, *output_sets: list) -> list:
+    """``output_sets`` with padded positions zeroed when ``policy`` compares real tokens only."""
+    from graphopt.verify.policies import zero_padding
+
+    if not policy.padding_mask:
+        return list(output_sets)
+    return [zero_padding(outs, input_sets, ir.input_names, policy.padding_mask) for outs in output_sets]
 
 
 def lowering_reference(verifier: Verifier, ir: GraphIR, inputs: list | None = None) -> list:
@@ -266,11 +281,15 @@ def _verify_lowered(backend, path: Path, manifest: dict, verifier: Verifier | No
         candidate = [runner.run(inp) for inp in verifier.input_sets]
         candidate = [[t.detach().cpu() for t in outs] for outs in candidate]
         want = lowering_reference(verifier, ir)
-        ev = Evidence(output_names=names, original=want, candidate=candidate,
-                      reference64=verifier.reference64)
+        want, candidate = _padding_view(policy, ir, verifier.input_sets, want, candidate)
+        ref64 = verifier.reference64
+        if policy.padding_mask:
+            ref64 = lambda: None if verifier.reference64() is None else _padding_view(  # noqa: E731
+                policy, ir, verifier.input_sets, verifier.reference64())[0]
+        ev = Evidence(output_names=names, original=want, candidate=candidate, reference64=ref64)
         outcome = policy.check(ev)
         err = max_abs_error(want, candidate, names)[0]  # vs what it must reproduce (the pruned graph after pruning)
-        record = {"policy": policy.describe(), "passed": outcome.passed, "message": outcome.message,
+        record = {"policy": policy.label(), "passed": outcome.passed, "message": outcome.message,
                   "error_vs_original": err, "worst_output": outcome.worst_output,
                   "input_sets": len(verifier.input_sets)}
         if outcome.passed:
@@ -299,8 +318,10 @@ def _probe_minimum_sizes(runner, verifier: Verifier, ir: GraphIR, manifest: dict
             inputs = inputs_with_sizes(ir, {label: size}, seed=size)
             try:
                 got = [t.detach().cpu() for t in runner.run(inputs)]
-                ok = policy.check(Evidence(ir.output_names, [lowering_reference(verifier, ir, inputs)], [got],
-                                           reference64=lambda inputs=inputs: [run_float64(verifier.original, inputs)])
+                want, got_ = _padding_view(policy, ir, [inputs], [lowering_reference(verifier, ir, inputs)], [got])
+                ok = policy.check(Evidence(ir.output_names, want, got_,
+                                           reference64=lambda inputs=inputs: _padding_view(
+                                               policy, ir, [inputs], [run_float64(verifier.original, inputs)])[0])
                                   ).passed
             except Exception:  # a runtime refusing the size: guards, shape checks
                 ok = False
@@ -314,12 +335,17 @@ def _probe_minimum_sizes(runner, verifier: Verifier, ir: GraphIR, manifest: dict
     return narrowed
 
 
-def _save_examples(d: Path, original: GraphIR) -> None:
+def _save_examples(d: Path, original: GraphIR, padding_mask: str | None = None) -> None:
     """Example inputs and the ORIGINAL model's outputs on them: `graphopt run DIR` replays them.
-    (After a lossy pass that declared it, e.g. pruning: the optimized graph's outputs.)"""
+    (After a lossy pass that declared it, e.g. pruning: the optimized graph's outputs. After
+    remove-padding: with the padded positions zeroed, as the artifact computes them.)"""
     np.savez(d / "example_inputs.npz", **{n: t.detach().cpu().numpy() for n, t in
                                          zip(original.input_names, original.example_inputs)})
     outs = original.run()
+    if padding_mask:
+        from graphopt.verify.policies import zero_padding
+
+        outs = zero_padding([outs], [list(original.example_inputs)], original.input_names, padding_mask)[0]
     np.savez(d / "expected_outputs.npz", **{n: t.detach().cpu().numpy() for n, t in zip(original.output_names, outs)})
 
 

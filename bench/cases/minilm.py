@@ -46,6 +46,8 @@ MODEL = "samples/models/minilm.py:build"
 GRAPHOPT_PIPELINES = {
     "graphopt cleanup": "cleanup",
     "graphopt cleanup,fuse": "cleanup,fuse",
+    # opt-in: per-token work on the real tokens only (padded outputs become 0)
+    "graphopt cleanup,fuse,remove-padding": "cleanup,fuse,remove-padding",
 }
 
 OUTPUT_NAMES = ["last_hidden_state", "pooler_output"]

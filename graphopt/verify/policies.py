@@ -11,6 +11,10 @@ captured graph on the same inputs (the example inputs plus fresh random ones):
                              lossy passes such as quantization and pruning;
 - ``equivalence(fn)``        a function decides, for passes that change the calling convention
                              (KV-cache insertion: greedy decoding must give the same tokens).
+
+``policy.ignoring_padding("attention_mask")`` makes any of the first four compare real tokens only:
+positions where that input is 0 are zeroed in both outputs first (the ``remove-padding`` pass
+computes nothing there). Once such a pass ran, every later check does the same.
 """
 
 from __future__ import annotations
@@ -51,6 +55,29 @@ class Evidence:
     inputs: list[list[torch.Tensor]] = field(default_factory=list)
 
 
+def zero_padding(outputs: list[list[torch.Tensor]], inputs: list[list[torch.Tensor]], input_names: list[str],
+                 mask: str) -> list[list[torch.Tensor]]:
+    """``outputs`` with the padded positions (``mask`` input == 0) of every ``[B, T, ...]`` output set
+    to 0, so that only real tokens are compared. Outputs of another layout are left as they are."""
+    if mask not in input_names:
+        return outputs
+    i = input_names.index(mask)
+    out = []
+    for outs, inp in zip(outputs, inputs):
+        if outs is None:  # an fp64 reference that could not run
+            out.append(None)
+            continue
+        m = inp[i].detach().cpu().bool()
+        row = []
+        for x in outs:
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and tuple(x.shape[:2]) == tuple(m.shape):
+                keep = m.to(x.device).reshape(*m.shape, *([1] * (x.dim() - 2)))
+                x = x.masked_fill(~keep, 0)
+            row.append(x)
+        out.append(row)
+    return out
+
+
 def max_abs_error(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]], names: list[str]
                   ) -> tuple[float, str | None]:
     """Largest |a - b| over every input set and float output, and the output it occurs in."""
@@ -89,6 +116,12 @@ class Policy:
 
     name = "policy"
     needs_reference64 = False
+    padding_mask: str | None = None
+
+    def ignoring_padding(self, mask: str) -> Policy:
+        """Compare real tokens only: positions where input ``mask`` is 0 are zeroed in both outputs."""
+        self.padding_mask = mask
+        return self
 
     def check(self, ev: Evidence) -> Outcome:
         raise NotImplementedError
@@ -101,6 +134,10 @@ class Policy:
 
     def __repr__(self) -> str:
         return self.describe()
+
+    def label(self) -> str:
+        """``describe()``, plus the padding rule when one is set (for reports)."""
+        return self.describe() + (f" on real tokens ({self.padding_mask} != 0)" if self.padding_mask else "")
 
 
 class Exact(Policy):

@@ -213,17 +213,31 @@ class Verifier:
                 record["rebased"] = True
             return outcome, record
         candidate = [ir.run(inp) for inp in self.input_sets]
-        from graphopt.verify.policies import Metric
+        from graphopt.verify.policies import Metric, zero_padding
 
         lossy = isinstance(policy, Metric)
-        ev = Evidence(output_names=names, original=self.original_outputs if lossy else self.baseline, candidate=candidate,
-                      reference64=self.reference64, original_ir=self.original, candidate_ir=ir,
+        want = self.original_outputs if lossy else self.baseline
+        reference64 = self.reference64
+        mask = policy.padding_mask or (ir.meta.get("padding_removed") or {}).get("mask")
+        if mask:  # remove-padding ran (or runs now): only real tokens carry meaning
+            names_in = self.original.input_names
+
+            def pad(outs):
+                return zero_padding(outs, self.input_sets, names_in, mask)
+
+            want, candidate = pad(want), pad(candidate)
+            reference64 = lambda: None if self.reference64() is None else pad(self.reference64())  # noqa: E731
+        ev = Evidence(output_names=names, original=want, candidate=candidate,
+                      reference64=reference64, original_ir=self.original, candidate_ir=ir,
                       inputs=self.input_sets)
         outcome = policy.check(ev)
         same_arity = all(len(a) == len(b) for a, b in zip(self.original_outputs, candidate))
-        err_orig = max_abs_error(self.original_outputs, candidate, names)[0] if same_arity else None
-        err_prev = max_abs_error(self.previous, candidate, names)[0] if same_arity else None
-        record = {"policy": policy.describe(), "passed": outcome.passed, "message": outcome.message,
+        orig_cmp, prev_cmp = self.original_outputs, self.previous
+        if mask:
+            orig_cmp, prev_cmp = pad(orig_cmp), pad(prev_cmp)
+        err_orig = max_abs_error(orig_cmp, candidate, names)[0] if same_arity else None
+        err_prev = max_abs_error(prev_cmp, candidate, names)[0] if same_arity else None
+        record = {"policy": policy.label(), "passed": outcome.passed, "message": outcome.message,
                   "worst_output": outcome.worst_output, "error_vs_original": _finite(err_orig),
                   "error_vs_previous": _finite(err_prev), "figures": {k: _finite(v) for k, v in outcome.figures.items()},
                   "input_sets": len(self.input_sets)}

@@ -21,6 +21,7 @@ _PASSES: list[tuple[str, str]] = [
     ("fuse_activations", "FuseActivations"),
     ("merge_gemms", "MergeGemms"),
     ("fuse_rope", "FuseRope"),
+    ("remove_padding", "RemovePadding"),  # opt-in: changes padded outputs to 0, so not in `fuse`
 ]
 
 

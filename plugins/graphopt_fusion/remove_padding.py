@@ -1,0 +1,383 @@
+"""remove-padding: per-token work runs on the real tokens only, not on the padding.
+
+A batch of sentences is padded to one length; with short sentences most of the ``B x T`` tokens
+are padding (the MiniLM benchmark batch: 245 real tokens of 1024), and every linear, norm and
+activation of an encoder computes them anyway. This pass packs the real tokens, the "effective
+transformer" of FasterTransformer and TensorRT's variable-length BERT, written in the graph so
+every backend runs it::
+
+    idx = nonzero(attention_mask.view(-1)).view(-1)                     # [N]: the real tokens
+    h   = embeddings(...)                   [B, T, H]
+    hp  = index_select(h.view(-1, H), 0, idx)                           # [N, H]   pack
+    ... linear / layer_norm / gelu / residual adds on [N, ...] ...
+    q   = index_copy(zeros(B*T, H), 0, idx, qp).view(B, T, H)           # unpack where tokens meet
+    a   = scaled_dot_product_attention(q, k, v, mask)                    # (attention, outputs)
+    ap  = index_select(a.view(-1, H), 0, idx)                            # pack again
+
+Which nodes run packed is decided on data flow: a node is per-token when its output and every
+``[B, T, ...]`` input share the mask's leading ``B, T`` dims and the op never mixes positions
+(elementwise ops with operands broadcast over the trailing dims only, linear, layer/RMS norm over
+the trailing dims, activations, splits, views and transposes that keep ``B, T`` in front, softmax
+and reductions over trailing dims). Everything else (attention, positional slices, pooling,
+graph outputs) sees the padded layout again, with zeros at the padded positions.
+
+Semantics: outputs at real tokens are unchanged (the same per-row arithmetic); outputs at padded
+positions become zeros, as in PyTorch's nested-tensor fast path of ``nn.TransformerEncoder``.
+Padding carries no meaning for models that mask it: the pass is opt-in (it is not in ``fuse``),
+and its verification is ``allclose`` over the real tokens only, on the example inputs (which
+carry padding) and on fresh random ones. A model whose real tokens do see the padding (no key
+mask in attention) fails that check and the pipeline stops, naming this pass.
+
+Options: ``mask`` (default ``attention_mask``): the input whose nonzero entries mark real tokens,
+``[B, T]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from graphopt.errors import PassError
+from graphopt.ir.graph_ir import GraphIR
+from graphopt.passes.base import Pass, PassContext, PassResult
+from graphopt.verify.policies import allclose
+
+from .patterns import aten, copy_source_meta, packet, real_users, tensor_val
+
+log = logging.getLogger(__name__)
+
+Node = torch.fx.Node
+
+#: meta key: ``{"mask": input name, "outputs": [names of outputs zeroed at padded positions]}``.
+META_KEY = "padding_removed"
+
+_UNARY = frozenset({
+    aten.gelu, aten.silu, aten.relu, aten.tanh, aten.sigmoid, aten.erf, aten.exp, aten.neg, aten.rsqrt,
+    aten.sqrt, aten.reciprocal, aten.abs, aten.clone, aten.contiguous, aten.alias, aten.detach,
+    aten.dropout, aten.hardtanh, aten.leaky_relu, aten.elu, aten.mish, aten.hardswish, aten.hardsigmoid,
+    aten.pow, aten._to_copy, aten.to, aten.type_as,
+})
+_BINARY = frozenset({aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum, aten.where})
+_RESHAPE = frozenset({aten.view, aten.reshape, aten._unsafe_view})
+_DIM_OPS = frozenset({aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax})
+_REDUCE = frozenset({aten.mean, aten.sum, aten.amax, aten.amin, aten.var})
+_SPLIT = frozenset({aten.split, aten.split_with_sizes, aten.chunk, aten.unbind})
+#: ops worth packing their inputs for; everything else is packed only when an input already is
+_HEAVY = frozenset({aten.linear, aten.matmul, aten.layer_norm, aten.rms_norm})
+
+
+@dataclass
+class Options:
+    mask: str = "attention_mask"
+
+
+class RemovePadding(Pass):
+    """Run per-token ops on the real tokens only (packed by the padding mask); padded outputs become 0."""
+
+    name = "remove-padding"
+    Options = Options
+    runs_after = ("fuse-attention", "fuse-norms", "fuse-rope", "merge-gemms", "fuse-activations")
+
+    def __init__(self, options: Any = None):
+        super().__init__(options)
+        self.verification = allclose(rtol=1e-5, atol=1e-5).ignoring_padding(self.options.mask)
+
+    def run(self, ir: GraphIR, ctx: PassContext) -> PassResult:
+        mask = next((p for p in ir.placeholders() if p.name == self.options.mask or p.target == self.options.mask), None)
+        if mask is None:
+            raise PassError(f"remove-padding: the graph has no input {self.options.mask!r} (inputs: "
+                            f"{', '.join(ir.input_names)}); name the padding mask: remove-padding(mask=NAME)")
+        mv = tensor_val(mask)
+        if mv is None or mv.dim() != 2 or mv.is_floating_point():
+            raise PassError(f"remove-padding: input {self.options.mask!r} must be an integer or bool [batch, seq] "
+                            f"mask (1 = real token), not {None if mv is None else (tuple(mv.shape), mv.dtype)}")
+        rw = _Rewriter(ir, mask, (str(mv.shape[0]), str(mv.shape[1])), ctx)
+        stats = rw.rewrite()
+        if not stats["nodes_packed"]:
+            return PassResult(ir, False, stats)
+        out_names = [name for name, node in zip(ir.output_names, rw.output_nodes()) if rw.was_packed(node)]
+        ir.meta[META_KEY] = {"mask": self.options.mask, "outputs": out_names}
+        lc = dict(ir.meta.get("lowering_check") or {})
+        lc["padding_mask"] = self.options.mask
+        ir.meta["lowering_check"] = lc
+        stats["outputs_zeroed_at_padding"] = len(out_names)
+        return PassResult(ir.recompile(), True, stats)
+
+
+class _Rewriter:
+    def __init__(self, ir: GraphIR, mask: Node, bt: tuple[str, str], ctx: PassContext):
+        self.ir, self.graph, self.mask, self.bt, self.ctx = ir, ir.graph, mask, bt, ctx
+        self.packed: dict[Node, Node] = {}      # original node → its packed twin
+        self.gathers: dict[Node, Node] = {}     # unpacked value → packed copy (index_select)
+        self.idx: Node | None = None
+        self.sizes: tuple[Node, Node] | None = None
+        self._origs: list[Node] = []
+
+    # -- shapes ------------------------------------------------------------------------------
+    def is_bt(self, x: Any) -> bool:
+        v = tensor_val(x) if isinstance(x, Node) else None
+        return v is not None and v.dim() >= 2 and (str(v.shape[0]), str(v.shape[1])) == self.bt
+
+    def trailing(self, x: Node) -> list[int] | None:
+        v = tensor_val(x)
+        out = []
+        for d in v.shape[2:]:
+            if not isinstance(d, int):
+                try:
+                    d = int(d)
+                except Exception:
+                    return None
+            out.append(int(d))
+        return out
+
+    def output_nodes(self) -> list[Any]:
+        out = next(n for n in self.graph.nodes if n.op == "output")
+        flat = out.args[0] if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
+        return list(flat)
+
+    def was_packed(self, node: Any) -> bool:
+        return isinstance(node, Node) and node.meta.get("graphopt_unpacked", False)
+
+    # -- which nodes run per token -------------------------------------------------------------
+    def choose(self) -> list[Node]:
+        """The nodes to run packed: every per-token GEMM and norm, the light per-token ops downstream
+        of them, and the light ones whose every reader runs packed (so a gather sits above a
+        quantize-dequantize, not between it and its GEMM, where it would hide the pair)."""
+        nodes = [n for n in self.graph.nodes if n.op == "call_function"]
+        chosen: set[Node] = set()
+        changed = True
+        while changed:
+            changed = False
+            for n in nodes:  # forward: heavy ops, and light ops reading a packed value
+                if n not in chosen and self.tokenwise(n, chosen):
+                    chosen.add(n)
+                    changed = True
+            for n in reversed(nodes):  # backward: light ops all of whose readers run packed
+                users = real_users(n)
+                if (n not in chosen and users and all(u in chosen for u in users)
+                        and self.tokenwise(n, chosen, light_ok=True)):
+                    chosen.add(n)
+                    changed = True
+        return [n for n in nodes if n in chosen]
+
+    def tokenwise(self, n: Node, chosen: set[Node], light_ok: bool = False) -> bool:
+        if n.op != "call_function":
+            return False
+        if n.target is operator.getitem:
+            return n.args[0] in chosen
+        p = packet(n)
+        v = n.meta.get("val")
+        outs = [v] if isinstance(v, torch.Tensor) else list(v) if isinstance(v, (list, tuple)) else []
+        if not outs or not all(isinstance(o, torch.Tensor) and o.dim() >= 2
+                               and (str(o.shape[0]), str(o.shape[1])) == self.bt for o in outs):
+            return False
+        if any(self.trailing_of(o) is None for o in outs):
+            return False
+        tensors = [a for a in _flat_args(n) if isinstance(a, Node) and isinstance(tensor_val(a), torch.Tensor)]
+        bt_inputs = [a for a in tensors if self.is_bt(a)]
+        if not bt_inputs:
+            return False
+        if p not in _HEAVY and not light_ok and not any(a in chosen for a in bt_inputs):
+            return False  # light ops join a packed region; only GEMMs and norms start one
+        rank = outs[0].dim()
+        if _elementwise(n, p):
+            # operands: [B, T, ...] of the output's rank, or broadcast over the trailing dims only
+            return all(self.is_bt(a) and tensor_val(a).dim() == rank or tensor_val(a).dim() <= rank - 2
+                       for a in tensors)
+        if p is aten.linear:
+            return n.args[0] in bt_inputs and all(a is n.args[0] or not self.is_bt(a) for a in tensors)
+        if p is aten.matmul:  # x @ W with a 2-D right operand (dequantized weights)
+            w = n.args[1]
+            return (n.args[0] in bt_inputs and isinstance(w, Node) and not self.is_bt(w)
+                    and tensor_val(w).dim() == 2)
+        if p in (aten.layer_norm, aten.rms_norm):
+            shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
+            return (n.args[0] in bt_inputs and len(shape) <= rank - 2
+                    and all(a is n.args[0] or not self.is_bt(a) for a in tensors))
+        if len(bt_inputs) != 1 or len(tensors) != 1:
+            return False
+        src_rank = tensor_val(bt_inputs[0]).dim()
+        if p in _RESHAPE:
+            return True  # input and output both [B, T, ...]: only trailing dims are regrouped
+        if p is aten.transpose:
+            return all(_norm(d, src_rank) >= 2 for d in n.args[1:3])
+        if p is aten.permute:
+            perm = [_norm(d, src_rank) for d in n.args[1]]
+            return perm[:2] == [0, 1]
+        if p in (aten.unsqueeze, aten.squeeze) and len(n.args) > 1 and isinstance(n.args[1], int):
+            return _norm(n.args[1], rank if p is aten.unsqueeze else src_rank) >= 2
+        if p in _DIM_OPS or p in _SPLIT:
+            d = n.args[2] if p in (aten.split, aten.split_with_sizes, aten.chunk) and len(n.args) > 2 else \
+                n.kwargs.get("dim", n.args[1] if p in _DIM_OPS or p is aten.unbind else 0)
+            if p is aten.unbind:
+                d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            return isinstance(d, int) and _norm(d, src_rank) >= 2
+        if p in _REDUCE:
+            d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            if d is None:
+                return False
+            d = [d] if isinstance(d, int) else list(d)
+            return all(_norm(x, src_rank) >= 2 for x in d)
+        return False
+
+    def trailing_of(self, v: torch.Tensor) -> list[int] | None:
+        out = []
+        for d in v.shape[2:]:
+            try:
+                out.append(int(d))
+            except Exception:
+                return None
+        return out
+
+    # -- rewriting ---------------------------------------------------------------------------
+    def index(self) -> Node:
+        if self.idx is None:
+            last_ph = [p for p in self.graph.nodes if p.op == "placeholder"][-1]
+            with self.graph.inserting_after(last_ph):
+                b = self.graph.call_function(aten.sym_size.int, (self.mask, 0))
+            with self.graph.inserting_after(b):
+                t = self.graph.call_function(aten.sym_size.int, (self.mask, 1))
+            with self.graph.inserting_after(t):
+                flat = self.graph.call_function(aten.reshape.default, (self.mask, [-1]))
+            with self.graph.inserting_after(flat):
+                nz = self.graph.call_function(aten.nonzero.default, (flat,))
+            with self.graph.inserting_after(nz):
+                self.idx = self.graph.call_function(aten.reshape.default, (nz, [-1]))
+            self.sizes = (b, t)
+        return self.idx
+
+    def gather(self, x: Node, before: Node) -> Node:
+        if x in self.gathers:
+            return self.gathers[x]
+        idx = self.index()
+        trail = self.trailing(x)
+        with self.graph.inserting_before(before):
+            flat = self.graph.call_function(aten.reshape.default, (x, [-1, *trail]))
+            g = self.graph.call_function(aten.index_select.default, (flat, 0, idx))
+        self.gathers[x] = g
+        return g
+
+    def unpack(self, orig: Node, packed: Node) -> Node:
+        trail = self.trailing(orig)
+        b, t = self.sizes
+        with self.graph.inserting_after(packed):
+            zeros = self.graph.call_function(aten.new_zeros.default, (packed, [b, t, *trail]))
+        with self.graph.inserting_after(zeros):
+            zflat = self.graph.call_function(aten.reshape.default, (zeros, [-1, *trail]))
+        with self.graph.inserting_after(zflat):
+            full = self.graph.call_function(aten.index_copy.default, (zflat, 0, self.idx, packed))
+        with self.graph.inserting_after(full):
+            out = self.graph.call_function(aten.reshape.default, (full, [b, t, *trail]))
+        copy_source_meta(orig, out)
+        out.meta["graphopt_unpacked"] = True
+        return out
+
+    def packed_args(self, n: Node) -> tuple[tuple, dict]:
+        def conv(a: Any) -> Any:
+            if isinstance(a, Node):
+                if a in self.packed:
+                    return self.packed[a]
+                if self.is_bt(a):
+                    return self.gather(a, n)
+                return a
+            if isinstance(a, (list, tuple)):
+                return type(a)(conv(x) for x in a)
+            return a
+
+        args, kwargs = conv(n.args), {k: conv(v) for k, v in n.kwargs.items()}
+        p = packet(n)
+        src = next((a for a in _flat_args(n) if isinstance(a, Node) and self.is_bt(a)), None)
+        src_rank = tensor_val(src).dim() if src is not None else 0
+        if p in _RESHAPE:
+            args = (args[0], [-1, *self.trailing(n)])
+        elif p is aten.transpose:
+            args = (args[0], _shift(args[1], src_rank), _shift(args[2], src_rank))
+        elif p is aten.permute:
+            args = (args[0], [0] + [_norm(d, src_rank) - 1 for d in args[1][2:]])
+        elif p in (aten.unsqueeze, aten.squeeze) and len(args) > 1:
+            r = tensor_val(n).dim() if p is aten.unsqueeze else src_rank
+            args = (args[0], _shift(args[1], r), *args[2:])
+        elif p in _DIM_OPS or p is aten.unbind:
+            if len(args) > 1:
+                args = (args[0], _shift(args[1], src_rank), *args[2:])
+            elif "dim" in kwargs:
+                kwargs["dim"] = _shift(kwargs["dim"], src_rank)
+        elif p in (aten.split, aten.split_with_sizes, aten.chunk):
+            if len(args) > 2:
+                args = (args[0], args[1], _shift(args[2], src_rank), *args[3:])
+            elif "dim" in kwargs:
+                kwargs["dim"] = _shift(kwargs["dim"], src_rank)
+        elif p in _REDUCE:
+            d = args[1]
+            args = (args[0], _shift(d, src_rank) if isinstance(d, int) else [_shift(x, src_rank) for x in d], *args[2:])
+        return args, kwargs
+
+    def rewrite(self) -> dict[str, Any]:
+        for n in self.choose():
+            if n.target is operator.getitem and n.args[0] not in self.packed:
+                continue  # its split was left alone (bisect's rewrite limit)
+            if not self.ctx.should_rewrite(f"remove-padding: pack {n.name}"):
+                continue
+            args, kwargs = self.packed_args(n)
+            with self.graph.inserting_before(n):
+                new = self.graph.call_function(n.target, args, kwargs)
+            copy_source_meta(n, new)
+            self.packed[n] = new
+            self._origs.append(n)
+        if not self.packed:
+            return {"nodes_packed": 0}
+        unpacked = 0
+        for n in self._origs:
+            if n.target is not operator.getitem and isinstance(n.meta.get("val"), (list, tuple)):
+                continue  # a split: its getitems carry the values
+            outside = [u for u in list(n.users) if u not in self.packed]
+            if outside:
+                full = self.unpack(n, self.packed[n])
+                unpacked += 1
+                for u in outside:
+                    u.replace_input_with(n, full)
+        for n in reversed(self._origs):
+            if not real_users(n):
+                for u in list(n.users):  # assertion nodes on the padded value
+                    self.graph.erase_node(u)
+                self.graph.erase_node(n)
+        return {"nodes_packed": len(self.packed), "packs": len(self.gathers), "unpacks": unpacked}
+
+
+def _elementwise(n: Node, p: Any) -> bool:
+    """Ops that compute each element from the elements at the same position: the unary and binary
+    sets above, ATen ops tagged pointwise, and graphopt-quant's per-tensor fake quantization."""
+    if p in _UNARY or p in _BINARY:
+        return True
+    if str(n.target).startswith("graphopt.quantize_dequantize"):
+        return True
+    return torch.Tag.pointwise in getattr(n.target, "tags", ())
+
+
+def _flat_args(n: Node) -> list[Any]:
+    out: list[Any] = []
+
+    def walk(a: Any) -> None:
+        if isinstance(a, (list, tuple)):
+            for x in a:
+                walk(x)
+        else:
+            out.append(a)
+
+    walk(n.args)
+    walk(list(n.kwargs.values()))
+    return out
+
+
+def _norm(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _shift(d: int, rank: int) -> int:
+    """A dim of the padded [B, T, ...] layout in the packed [N, ...] layout (negative dims stay)."""
+    return d if d < 0 else d - 1
