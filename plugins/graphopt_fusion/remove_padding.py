@@ -23,10 +23,11 @@ graph outputs) sees the padded layout again, with zeros at the padded positions.
 
 Semantics: outputs at real tokens are unchanged (the same per-row arithmetic); outputs at padded
 positions become zeros, as in PyTorch's nested-tensor fast path of ``nn.TransformerEncoder``.
-Padding carries no meaning for models that mask it: the pass is opt-in (it is not in ``fuse``),
-and its verification is ``allclose`` over the real tokens only, on the example inputs (which
-carry padding) and on fresh random ones. A model whose real tokens do see the padding (no key
-mask in attention) fails that check and the pipeline stops, naming this pass.
+Padding carries no meaning for models that mask it: the pass is opt-in (it is not in ``fuse``).
+It checks itself on the example inputs with random right padding put into the mask (whatever
+padding the examples carry, maybe none): the real tokens must not change, else a ``PassError``
+says that the model's real tokens read the padding (attention without a key mask). Its
+verification is then ``allclose`` over the real tokens only, on the verification inputs.
 
 Options: ``mask`` (default ``attention_mask``): the input whose nonzero entries mark real tokens,
 ``[B, T]``.
@@ -96,6 +97,8 @@ class RemovePadding(Pass):
         if mv is None or mv.dim() != 2 or mv.is_floating_point():
             raise PassError(f"remove-padding: input {self.options.mask!r} must be an integer or bool [batch, seq] "
                             f"mask (1 = real token), not {None if mv is None else (tuple(mv.shape), mv.dtype)}")
+        probes = padded_probes(ir, self.options.mask)
+        want = [ir.run(p) for p in probes]
         rw = _Rewriter(ir, mask, (str(mv.shape[0]), str(mv.shape[1])), ctx)
         stats = rw.rewrite()
         if not stats["nodes_packed"]:
@@ -106,7 +109,9 @@ class RemovePadding(Pass):
         lc["padding_mask"] = self.options.mask
         ir.meta["lowering_check"] = lc
         stats["outputs_zeroed_at_padding"] = len(out_names)
-        return PassResult(ir.recompile(), True, stats)
+        ir.recompile()
+        stats["probe_error"] = _check_probes(ir, probes, want, self.options.mask)
+        return PassResult(ir, True, stats)
 
 
 class _Rewriter:
@@ -347,6 +352,45 @@ class _Rewriter:
                     self.graph.erase_node(u)
                 self.graph.erase_node(n)
         return {"nodes_packed": len(self.packed), "packs": len(self.gathers), "unpacks": unpacked}
+
+
+def padded_probes(ir: GraphIR, mask: str, n: int = 2, seed: int = 0) -> list[list[torch.Tensor]]:
+    """The example inputs with the mask replaced by random right padding (every row keeps at least
+    one token, the first row keeps all): whatever padding the examples carry (maybe none), the
+    pass is checked on inputs that have some."""
+    i = ir.input_names.index(mask)
+    ex = ir.example_inputs[i]
+    b, t = ex.shape
+    out = []
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        lengths = torch.randint(1, t + 1, (b,), generator=g)
+        lengths[0] = t
+        m = (torch.arange(t)[None, :] < lengths[:, None]).to(ex.dtype)
+        probe = list(ir.example_inputs)
+        probe[i] = m
+        out.append(probe)
+    return out
+
+
+def _check_probes(ir: GraphIR, probes: list, want: list, mask: str, tol: float = 1e-4) -> float:
+    """Real tokens of the packed graph must match the padded graph on the padded probes; a model
+    whose real tokens read the padding (no key mask) fails here, before any later pass runs."""
+    from graphopt.verify.policies import max_abs_error, zero_padding
+
+    got = [ir.run(p) for p in probes]
+    names = ir.output_names
+    err, where = max_abs_error(zero_padding(want, probes, ir.input_names, mask),
+                               zero_padding(got, probes, ir.input_names, mask), names)
+    scale = max((float(t.abs().max()) for outs in want for t in outs
+                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()), default=1.0)
+    if not err <= tol * max(1.0, scale):
+        raise PassError(
+            f"remove-padding: on inputs with padding, the real tokens of output {where!r} change (max abs "
+            f"error {err:.3g}): the model's real tokens read the padded positions (attention without a "
+            f"key mask from {mask!r}, or a mask the model ignores), so padding cannot be removed; leave "
+            "remove-padding out of the pipeline for this model")
+    return err
 
 
 def _elementwise(n: Node, p: Any) -> bool:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt.errors import PassError, VerificationError
+from graphopt.errors import PassError
 
 
 def _real_token_error(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor) -> float:
@@ -111,11 +111,14 @@ class AttendsToPadding(nn.Module):
         return self.out(a) * attention_mask[..., None].float().clamp(min=1)
 
 
-def test_model_whose_real_tokens_see_padding_is_refused():
+@pytest.mark.parametrize("padded_examples", [True, False])
+def test_model_whose_real_tokens_see_padding_is_refused(padded_examples):
+    """Refused by the pass's own check on padded probes, even when the examples carry no padding
+    (then the verification inputs alone could not tell)."""
     torch.manual_seed(0)
     ids = torch.randint(1, 64, (2, 6))
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
-    with pytest.raises(VerificationError, match="remove-padding"):
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]) if padded_examples else torch.ones(2, 6).long()
+    with pytest.raises(PassError, match="real tokens read the padded positions"):
         graphopt.optimize(AttendsToPadding().eval(), {"input_ids": ids, "attention_mask": mask},
                           "cleanup,remove-padding")
 
