@@ -69,7 +69,7 @@ _DIM_OPS = frozenset({aten.softmax, aten._softmax, aten.log_softmax, aten._log_s
 _REDUCE = frozenset({aten.mean, aten.sum, aten.amax, aten.amin, aten.var})
 _SPLIT = frozenset({aten.split, aten.split_with_sizes, aten.chunk, aten.unbind})
 #: ops worth packing their inputs for; everything else is packed only when an input already is
-_HEAVY = frozenset({aten.linear, aten.matmul, aten.layer_norm, aten.rms_norm})
+_HEAVY = frozenset({aten.linear, aten.matmul, aten.mm, aten.addmm, aten.layer_norm, aten.rms_norm})
 
 
 @dataclass
@@ -115,8 +115,14 @@ class RemovePadding(Pass):
 
 
 class _Rewriter:
+    """Token layouts: ``[B, T, ...]`` (lead 2) and its flattened form ``[B*T, ...]`` (lead 1, GPT-2's
+    ``view(-1, H)`` before ``addmm``). Both pack to ``[N, ...]``: dims past the lead shift by
+    ``lead - 1``; negative dims stay."""
+
     def __init__(self, ir: GraphIR, mask: Node, bt: tuple[str, str], ctx: PassContext):
         self.ir, self.graph, self.mask, self.bt, self.ctx = ir, ir.graph, mask, bt, ctx
+        mv = tensor_val(mask)
+        self.rows = str(mv.shape[0] * mv.shape[1])
         self.packed: dict[Node, Node] = {}      # original node → its packed twin
         self.gathers: dict[Node, Node] = {}     # unpacked value → packed copy (index_select)
         self.idx: Node | None = None
@@ -124,21 +130,30 @@ class _Rewriter:
         self._origs: list[Node] = []
 
     # -- shapes ------------------------------------------------------------------------------
-    def is_bt(self, x: Any) -> bool:
-        v = tensor_val(x) if isinstance(x, Node) else None
-        return v is not None and v.dim() >= 2 and (str(v.shape[0]), str(v.shape[1])) == self.bt
+    def lead_of(self, v: Any) -> int:
+        """2 for ``[B, T, ...]``, 1 for ``[B*T, ...]``, 0 for anything else."""
+        if not isinstance(v, torch.Tensor) or v.dim() < 1:
+            return 0
+        if v.dim() >= 2 and (str(v.shape[0]), str(v.shape[1])) == self.bt:
+            return 2
+        return 1 if str(v.shape[0]) == self.rows and self.rows not in self.bt else 0
+
+    def lead(self, x: Any) -> int:
+        if not isinstance(x, Node) or x.op == "get_attr":  # weights are never per-token values
+            return 0
+        return self.lead_of(tensor_val(x))
+
+    def trailing_of(self, v: torch.Tensor) -> list[int] | None:
+        out = []
+        for d in v.shape[self.lead_of(v):]:
+            try:
+                out.append(int(d))
+            except Exception:
+                return None
+        return out
 
     def trailing(self, x: Node) -> list[int] | None:
-        v = tensor_val(x)
-        out = []
-        for d in v.shape[2:]:
-            if not isinstance(d, int):
-                try:
-                    d = int(d)
-                except Exception:
-                    return None
-            out.append(int(d))
-        return out
+        return self.trailing_of(tensor_val(x))
 
     def output_nodes(self) -> list[Any]:
         out = next(n for n in self.graph.nodes if n.op == "output")
@@ -178,66 +193,57 @@ class _Rewriter:
         p = packet(n)
         v = n.meta.get("val")
         outs = [v] if isinstance(v, torch.Tensor) else list(v) if isinstance(v, (list, tuple)) else []
-        if not outs or not all(isinstance(o, torch.Tensor) and o.dim() >= 2
-                               and (str(o.shape[0]), str(o.shape[1])) == self.bt for o in outs):
+        if not outs or not all(self.lead_of(o) for o in outs) or any(self.trailing_of(o) is None for o in outs):
             return False
-        if any(self.trailing_of(o) is None for o in outs):
-            return False
+        out_lead = self.lead_of(outs[0])
         tensors = [a for a in _flat_args(n) if isinstance(a, Node) and isinstance(tensor_val(a), torch.Tensor)]
-        bt_inputs = [a for a in tensors if self.is_bt(a)]
-        if not bt_inputs:
+        tok_inputs = [a for a in tensors if self.lead(a)]
+        if not tok_inputs:
             return False
-        if p not in _HEAVY and not light_ok and not any(a in chosen for a in bt_inputs):
+        if p not in _HEAVY and not light_ok and not any(a in chosen for a in tok_inputs):
             return False  # light ops join a packed region; only GEMMs and norms start one
-        rank = outs[0].dim()
+        tail = outs[0].dim() - out_lead  # the output's per-token rank
         if _elementwise(n, p):
-            # operands: [B, T, ...] of the output's rank, or broadcast over the trailing dims only
-            return all(self.is_bt(a) and tensor_val(a).dim() == rank or tensor_val(a).dim() <= rank - 2
-                       for a in tensors)
-        if p is aten.linear:
-            return n.args[0] in bt_inputs and all(a is n.args[0] or not self.is_bt(a) for a in tensors)
-        if p is aten.matmul:  # x @ W with a 2-D right operand (dequantized weights)
+            # operands: per-token values of the output's per-token rank, or broadcast over trailing dims
+            return all(self.lead(a) and tensor_val(a).dim() - self.lead(a) == tail or
+                       not self.lead(a) and tensor_val(a).dim() <= tail for a in tensors)
+        others_fixed = all(a is tok_inputs[0] or not self.lead(a) for a in tensors) and len(tok_inputs) == 1
+        if p in (aten.linear, aten.matmul, aten.mm):
             w = n.args[1]
-            return (n.args[0] in bt_inputs and isinstance(w, Node) and not self.is_bt(w)
-                    and tensor_val(w).dim() == 2)
+            return (n.args[0] is tok_inputs[0] and others_fixed
+                    and (p is aten.linear or isinstance(w, Node) and tensor_val(w).dim() == 2))
+        if p is aten.addmm:  # bias + x @ W on [B*T, K] rows
+            return n.args[1] is tok_inputs[0] and others_fixed
         if p in (aten.layer_norm, aten.rms_norm):
             shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
-            return (n.args[0] in bt_inputs and len(shape) <= rank - 2
-                    and all(a is n.args[0] or not self.is_bt(a) for a in tensors))
-        if len(bt_inputs) != 1 or len(tensors) != 1:
+            return n.args[0] is tok_inputs[0] and others_fixed and len(shape) <= tail
+        if len(tok_inputs) != 1 or len(tensors) != 1:
             return False
-        src_rank = tensor_val(bt_inputs[0]).dim()
+        src_rank, src_lead = tensor_val(tok_inputs[0]).dim(), self.lead(tok_inputs[0])
         if p in _RESHAPE:
-            return True  # input and output both [B, T, ...]: only trailing dims are regrouped
+            return True  # per-token in and out: only the trailing dims are regrouped
+        if src_lead != out_lead:
+            return False
         if p is aten.transpose:
-            return all(_norm(d, src_rank) >= 2 for d in n.args[1:3])
+            return all(_norm(d, src_rank) >= src_lead for d in n.args[1:3])
         if p is aten.permute:
             perm = [_norm(d, src_rank) for d in n.args[1]]
-            return perm[:2] == [0, 1]
+            return perm[:src_lead] == list(range(src_lead))
         if p in (aten.unsqueeze, aten.squeeze) and len(n.args) > 1 and isinstance(n.args[1], int):
-            return _norm(n.args[1], rank if p is aten.unsqueeze else src_rank) >= 2
+            return _norm(n.args[1], outs[0].dim() if p is aten.unsqueeze else src_rank) >= src_lead
         if p in _DIM_OPS or p in _SPLIT:
             d = n.args[2] if p in (aten.split, aten.split_with_sizes, aten.chunk) and len(n.args) > 2 else \
                 n.kwargs.get("dim", n.args[1] if p in _DIM_OPS or p is aten.unbind else 0)
             if p is aten.unbind:
                 d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-            return isinstance(d, int) and _norm(d, src_rank) >= 2
+            return isinstance(d, int) and _norm(d, src_rank) >= src_lead
         if p in _REDUCE:
             d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
             if d is None:
                 return False
             d = [d] if isinstance(d, int) else list(d)
-            return all(_norm(x, src_rank) >= 2 for x in d)
+            return all(_norm(x, src_rank) >= src_lead for x in d)
         return False
-
-    def trailing_of(self, v: torch.Tensor) -> list[int] | None:
-        out = []
-        for d in v.shape[2:]:
-            try:
-                out.append(int(d))
-            except Exception:
-                return None
-        return out
 
     # -- rewriting ---------------------------------------------------------------------------
     def index(self) -> Node:
@@ -275,9 +281,10 @@ class _Rewriter:
         with self.graph.inserting_after(zeros):
             zflat = self.graph.call_function(aten.reshape.default, (zeros, [-1, *trail]))
         with self.graph.inserting_after(zflat):
-            full = self.graph.call_function(aten.index_copy.default, (zflat, 0, self.idx, packed))
-        with self.graph.inserting_after(full):
-            out = self.graph.call_function(aten.reshape.default, (full, [b, t, *trail]))
+            out = full = self.graph.call_function(aten.index_copy.default, (zflat, 0, self.idx, packed))
+        if self.lead(orig) == 2:
+            with self.graph.inserting_after(full):
+                out = self.graph.call_function(aten.reshape.default, (full, [b, t, *trail]))
         copy_source_meta(orig, out)
         out.meta["graphopt_unpacked"] = True
         return out
@@ -287,7 +294,7 @@ class _Rewriter:
             if isinstance(a, Node):
                 if a in self.packed:
                     return self.packed[a]
-                if self.is_bt(a):
+                if self.lead(a):
                     return self.gather(a, n)
                 return a
             if isinstance(a, (list, tuple)):
@@ -296,30 +303,34 @@ class _Rewriter:
 
         args, kwargs = conv(n.args), {k: conv(v) for k, v in n.kwargs.items()}
         p = packet(n)
-        src = next((a for a in _flat_args(n) if isinstance(a, Node) and self.is_bt(a)), None)
+        src = next((a for a in _flat_args(n) if isinstance(a, Node) and self.lead(a)), None)
         src_rank = tensor_val(src).dim() if src is not None else 0
+        lead = self.lead(src) if src is not None else 2
+
+        def sh(d: int) -> int:
+            return _shift(d, lead)
+
         if p in _RESHAPE:
             args = (args[0], [-1, *self.trailing(n)])
         elif p is aten.transpose:
-            args = (args[0], _shift(args[1], src_rank), _shift(args[2], src_rank))
+            args = (args[0], sh(args[1]), sh(args[2]))
         elif p is aten.permute:
-            args = (args[0], [0] + [_norm(d, src_rank) - 1 for d in args[1][2:]])
+            args = (args[0], [0] + [_norm(d, src_rank) - (lead - 1) for d in args[1][lead:]])
         elif p in (aten.unsqueeze, aten.squeeze) and len(args) > 1:
-            r = tensor_val(n).dim() if p is aten.unsqueeze else src_rank
-            args = (args[0], _shift(args[1], r), *args[2:])
+            args = (args[0], sh(args[1]), *args[2:])
         elif p in _DIM_OPS or p is aten.unbind:
             if len(args) > 1:
-                args = (args[0], _shift(args[1], src_rank), *args[2:])
+                args = (args[0], sh(args[1]), *args[2:])
             elif "dim" in kwargs:
-                kwargs["dim"] = _shift(kwargs["dim"], src_rank)
+                kwargs["dim"] = sh(kwargs["dim"])
         elif p in (aten.split, aten.split_with_sizes, aten.chunk):
             if len(args) > 2:
-                args = (args[0], args[1], _shift(args[2], src_rank), *args[3:])
+                args = (args[0], args[1], sh(args[2]), *args[3:])
             elif "dim" in kwargs:
-                kwargs["dim"] = _shift(kwargs["dim"], src_rank)
+                kwargs["dim"] = sh(kwargs["dim"])
         elif p in _REDUCE:
             d = args[1]
-            args = (args[0], _shift(d, src_rank) if isinstance(d, int) else [_shift(x, src_rank) for x in d], *args[2:])
+            args = (args[0], sh(d) if isinstance(d, int) else [sh(x) for x in d], *args[2:])
         return args, kwargs
 
     def rewrite(self) -> dict[str, Any]:
@@ -336,6 +347,7 @@ class _Rewriter:
             self._origs.append(n)
         if not self.packed:
             return {"nodes_packed": 0}
+        self.index()
         unpacked = 0
         for n in self._origs:
             if n.target is not operator.getitem and isinstance(n.meta.get("val"), (list, tuple)):
@@ -385,6 +397,14 @@ def _check_probes(ir: GraphIR, probes: list, want: list, mask: str, tol: float =
     scale = max((float(t.abs().max()) for outs in want for t in outs
                  if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()), default=1.0)
     if not err <= tol * max(1.0, scale):
+        k = names.index(where) if where in names else 0
+        m = probes[0][ir.input_names.index(mask)]
+        if tuple(want[0][k].shape[:2]) != tuple(m.shape):
+            raise PassError(
+                f"remove-padding: output {where!r} ({tuple(want[0][k].shape)}) is not per token [batch, seq, ...] "
+                f"and changes on inputs with padding (max abs error {err:.3g}): it holds values computed at "
+                "padded positions (a KV cache, a pooled sum), which become zeros when padding is removed; "
+                "leave remove-padding out of the pipeline for this model")
         raise PassError(
             f"remove-padding: on inputs with padding, the real tokens of output {where!r} change (max abs "
             f"error {err:.3g}): the model's real tokens read the padded positions (attention without a "
@@ -422,6 +442,7 @@ def _norm(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
 
 
-def _shift(d: int, rank: int) -> int:
-    """A dim of the padded [B, T, ...] layout in the packed [N, ...] layout (negative dims stay)."""
-    return d if d < 0 else d - 1
+def _shift(d: int, lead: int) -> int:
+    """A dim of a per-token layout with ``lead`` token dims in the packed ``[N, ...]`` layout
+    (negative dims stay)."""
+    return d if d < 0 else d - (lead - 1)

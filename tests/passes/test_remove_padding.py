@@ -81,6 +81,29 @@ def test_graphopt_run_replays_the_zeroed_examples(minilm, tmp_path):
     assert main(["run", str(art.path)]) == 0
 
 
+def test_gpt2_flattened_rows_pack_too(tmp_path):
+    """GPT-2's Conv1D runs ``addmm`` on ``view(-1, H)`` rows: those GEMMs run packed as well, and the
+    artifact keeps the real tokens' logits on fresh padded batches."""
+    from graphopt.model_loader import load_factory
+
+    model, inputs, dynamic = load_factory("samples/models/hf_gpt2.py:build")
+    art = graphopt.compile(model, inputs, "cleanup,fuse,remove-padding", target="onnx", out=tmp_path / "g",
+                           dynamic=dynamic, report=None)
+    rec = next(p for p in art.report["passes"] if p["name"] == "remove-padding")
+    assert rec["verify"]["passed"] and rec["stats"]["nodes_packed"] >= 40
+    eng = graphopt.load(art.path)
+    g = torch.Generator().manual_seed(5)
+    b, t = inputs["input_ids"].shape
+    ids = torch.randint(0, int(inputs["input_ids"].max()) + 1, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=inputs["attention_mask"].dtype)
+    mask[-1, t // 2:] = 0  # right padding on the last row
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    got = eng(input_ids=ids, attention_mask=mask)["logits"].cpu()
+    assert _real_token_error(got, want, mask) <= 1e-4
+    assert torch.count_nonzero(got[~mask.bool()]) == 0
+
+
 def test_decoder_with_left_padding_keeps_real_tokens(tiny_llama, tmp_path):
     ir = tiny_llama.ir.copy()
     original, optimized, report, _ = graphopt.optimize(ir, pipeline="cleanup,fuse,remove-padding")
