@@ -208,7 +208,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
         info = pm.passes.passes[name]
         rows.append({"name": name, "plugin": info.plugin, "summary": info.cls.summary(),
                      "options": describe_options(info.cls),
-                     "verification": (info.cls.verification.describe() if info.cls.verification else "allclose (default)")})
+                     "verification": (info.cls.verification.label() if info.cls.verification else "allclose (default)")})
     aliases = {k: {"pipeline": v[0], "plugin": v[1]} for k, v in sorted(pm.passes.aliases.items())}
     if args.json:
         print(json.dumps({"passes": rows, "aliases": aliases}, indent=2))

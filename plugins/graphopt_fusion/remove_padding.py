@@ -83,6 +83,7 @@ class RemovePadding(Pass):
     name = "remove-padding"
     Options = Options
     runs_after = ("fuse-attention", "fuse-norms", "fuse-rope", "merge-gemms", "fuse-activations")
+    verification = allclose(rtol=1e-5, atol=1e-5).ignoring_padding("attention_mask")  # per instance: mask=
 
     def __init__(self, options: Any = None):
         super().__init__(options)
