@@ -224,3 +224,24 @@ def test_int4_weights_lower_as_int4_that_ort_fuses_and_tensorrt_accepts(tiny_lla
     ids, mask = tiny_llama.inputs(23)
     got = graphopt.load(out)(input_ids=ids, attention_mask=mask)["logits"]
     assert token_cosine(quantized.run([ids, mask])[0], got)["worst"] > 0.999
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "smoothquant", "fp8"])
+def test_tensorrt_style_quantized_artifacts_pass_the_static_check(tiny_llama, tmp_path, scheme):
+    """With TensorRT's explicit-quantization rules (the default: int8 activations, zero point 0;
+    fp8 E4M3), the Q/DQ graph the onnx backend writes has no finding for TensorRT 10.15 or 11; the
+    ONNX Runtime x86 option activations=uint8 (zero point 128) is what the check reports."""
+    from graphopt.backends.tensorrt_check import check_onnx
+
+    out = tmp_path / scheme
+    graphopt.compile(tiny_llama.ir.copy(), pipeline=specs(tiny_llama, scheme=scheme), target="onnx", out=out,
+                     verify=False, report=None)
+    for version in ("10.15", "11"):
+        report = check_onnx(out / "model.onnx", version=version)
+        assert not [f for f in report.findings if f.severity == "error"], report.format()
+    if scheme == "w8a8":
+        ort_style = tmp_path / "uint8"
+        graphopt.compile(tiny_llama.ir.copy(), pipeline=specs(tiny_llama, scheme=scheme, activations="uint8"),
+                         target="onnx", out=ort_style, verify=False, report=None)
+        rules = {f.rule for f in check_onnx(ort_style / "model.onnx", version="10.15").findings}
+        assert "qdq-zero-point" in rules
