@@ -10,7 +10,8 @@ every backend runs it::
     h   = embeddings(...)                   [B, T, H]
     hp  = index_select(h.view(-1, H), 0, idx)                           # [N, H]   pack
     ... linear / layer_norm / gelu / residual adds on [N, ...] ...
-    q   = index_copy(zeros(B*T, H), 0, idx, qp).view(B, T, H)           # unpack where tokens meet
+    inv = cumsum(mask.view(-1)) * mask.view(-1)                         # [B*T]: 0 at padding
+    q   = index_select(cat([zeros(1, H), qp]), 0, inv).view(B, T, H)    # unpack where tokens meet
     a   = scaled_dot_product_attention(q, k, v, mask)                    # (attention, outputs)
     ap  = index_select(a.view(-1, H), 0, idx)                            # pack again
 
@@ -127,6 +128,7 @@ class _Rewriter:
         self.packed: dict[Node, Node] = {}      # original node → its packed twin
         self.gathers: dict[Node, Node] = {}     # unpacked value → packed copy (index_select)
         self.idx: Node | None = None
+        self.inv: Node | None = None
         self.sizes: tuple[Node, Node] | None = None
         self._origs: list[Node] = []
 
@@ -184,7 +186,14 @@ class _Rewriter:
                         and self.tokenwise(n, chosen, light_ok=True)):
                     chosen.add(n)
                     changed = True
-        return [n for n in nodes if n in chosen]
+        # Light ops that lead to no packed GEMM or norm stay padded: the unpack then happens once,
+        # at the GEMM's output, instead of once per view of it (Q, K and V of a merged QKV linear).
+        useful: set[Node] = set()
+        for n in reversed(nodes):
+            if n in chosen and (packet(n) in _HEAVY or any(u in useful for u in n.users)):
+                useful.add(n)
+        useful |= {n for n in chosen if n.target is operator.getitem and n.args[0] in useful}
+        return [n for n in nodes if n in useful]
 
     def tokenwise(self, n: Node, chosen: set[Node], light_ok: bool = False) -> bool:
         if n.op != "call_function":
@@ -260,6 +269,16 @@ class _Rewriter:
                 nz = self.graph.call_function(aten.nonzero.default, (flat,))
             with self.graph.inserting_after(nz):
                 self.idx = self.graph.call_function(aten.reshape.default, (nz, [-1]))
+            # unpacking gathers too: padded position p reads row inv[p] of [zeros; packed], where
+            # inv = (running count of real tokens) at real tokens and 0 at padding
+            with self.graph.inserting_after(self.idx):
+                real = self.graph.call_function(aten.ne.Scalar, (flat, 0))
+            with self.graph.inserting_after(real):
+                ones = self.graph.call_function(aten._to_copy.default, (real,), {"dtype": torch.int64})
+            with self.graph.inserting_after(ones):
+                count = self.graph.call_function(aten.cumsum.default, (ones, 0))
+            with self.graph.inserting_after(count):
+                self.inv = self.graph.call_function(aten.mul.Tensor, (count, ones))
             self.sizes = (b, t)
         return self.idx
 
@@ -278,11 +297,11 @@ class _Rewriter:
         trail = self.trailing(orig)
         b, t = self.sizes
         with self.graph.inserting_after(packed):
-            zeros = self.graph.call_function(aten.new_zeros.default, (packed, [b, t, *trail]))
-        with self.graph.inserting_after(zeros):
-            zflat = self.graph.call_function(aten.reshape.default, (zeros, [-1, *trail]))
-        with self.graph.inserting_after(zflat):
-            out = full = self.graph.call_function(aten.index_copy.default, (zflat, 0, self.idx, packed))
+            zero = self.graph.call_function(aten.new_zeros.default, (packed, [1, *trail]))
+        with self.graph.inserting_after(zero):
+            rows = self.graph.call_function(aten.cat.default, ([zero, packed], 0))
+        with self.graph.inserting_after(rows):
+            out = full = self.graph.call_function(aten.index_select.default, (rows, 0, self.inv))
         if self.lead(orig) == 2:
             with self.graph.inserting_after(full):
                 out = self.graph.call_function(aten.reshape.default, (full, [b, t, *trail]))

@@ -66,7 +66,7 @@ def test_minilm_real_tokens_unchanged_and_padding_zero(minilm, target, tmp_path)
         torch.testing.assert_close(got["pooler_output"].cpu(), want["pooler_output"], rtol=1e-4, atol=1e-4)
     if target == "onnx":
         ops = {n.op_type for n in onnx.load(str(art.path / "model.onnx")).graph.node}
-        assert {"NonZero", "Gather", "ScatterND", "Attention"} <= ops
+        assert {"NonZero", "CumSum", "Gather", "Attention"} <= ops and "ScatterND" not in ops
         from graphopt.backends.tensorrt_check import check_onnx
 
         for version in ("10.15", "11"):  # the packed graph stays buildable by TensorRT
@@ -95,7 +95,7 @@ def test_gpt2_flattened_rows_pack_too(tmp_path):
     art = graphopt.compile(model, inputs, "cleanup,fuse,remove-padding", target="onnx", out=tmp_path / "g",
                            dynamic=dynamic, report=None)
     rec = next(p for p in art.report["passes"] if p["name"] == "remove-padding")
-    assert rec["verify"]["passed"] and rec["stats"]["nodes_packed"] >= 40
+    assert rec["verify"]["passed"] and rec["stats"]["nodes_packed"] >= 30  # 8 addmm, 5 norms, adds, GELUs
     eng = graphopt.load(art.path)
     g = torch.Generator().manual_seed(5)
     b, t = inputs["input_ids"].shape
