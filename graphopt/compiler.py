@@ -221,9 +221,9 @@ def _manifest(ir: GraphIR, original: GraphIR, target: str, lowered: Any, rep: Re
                      "outputs_of": "optimized" if (ir.meta.get("lowering_check") or {}).get("against") == "optimized"
                      else "original"},
         "generation": ir.meta.get("generation"),
-        "sparsity": ir.meta.get("sparsity"),
-        # remove-padding ran: {"mask": input, "outputs": [...]}; those outputs are 0 where mask == 0
-        "padding_removed": ir.meta.get("padding_removed"),  # set by prune (2:4 / unstructured masks): backends may use it
+        "sparsity": ir.meta.get("sparsity"),  # set by prune (2:4 / unstructured masks): backends may use it
+        # set by remove-padding: {"mask": input, "outputs": [...]}; those outputs are 0 where mask == 0
+        "padding_removed": ir.meta.get("padding_removed"),
         "files": {},
     }
 
