@@ -56,6 +56,156 @@ def _positional_names(module: torch.nn.Module, n: int) -> list[str]:
     return names
 
 
+_LENGTH_ATTRS = ("max_position_embeddings", "n_positions", "block_size", "max_seq_len", "n_ctx",
+                 "max_sequence_length", "seq_length")
+
+#: the sequence range passes ask for when neither the user nor the model's config gives one
+DEFAULT_MAX_SEQ = 4096
+#: the batch range passes ask for when the user gives none
+DEFAULT_BATCH = (1, 64)
+
+
+def model_max_length(module: Any) -> int | None:
+    """The longest sequence the model's config says it takes (``max_position_embeddings``,
+    ``n_positions``, nanoGPT's ``block_size``, ...), or ``None``."""
+    for holder in (getattr(module, "config", None), module):
+        if holder is None:
+            continue
+        for attr in _LENGTH_ATTRS:
+            v = getattr(holder, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 1:
+                return v
+    return None
+
+
+def _as_range(where: str, rng: Any) -> tuple[int, int]:
+    if hasattr(rng, "min") and hasattr(rng, "max") and not isinstance(rng, (tuple, list)):  # a torch.export.Dim
+        lo, hi = getattr(rng, "min", None), getattr(rng, "max", None)
+        rng = (0 if lo is None else lo, hi)
+    if not isinstance(rng, (tuple, list)) or len(rng) != 2:
+        raise InputError(f"dynamic range for {where} must be (min, max), got {rng!r}; e.g. {{1: (1, 512)}}")
+    lo, hi = rng
+    for v in (lo, hi):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise InputError(f"dynamic range for {where} must be two non-negative ints (min, max), got {rng!r}")
+    if lo > hi:
+        raise InputError(f"dynamic range for {where} has min {lo} > max {hi}; give (min, max)")
+    return int(lo), int(hi)
+
+
+def normalize_dynamic(dynamic: Any, names: list[str], n_positional: int) -> dict[str, dict[int, tuple[int, int]]]:
+    """``{input: {dim: (min, max)}}`` from what users write: that dict form (dims may be strings, as
+    in TOML), or torch.export's positional form, a list/tuple with one ``{dim: range}`` or ``None``
+    per positional input. Ranges may be ``(min, max)`` or ``torch.export.Dim`` objects."""
+    if dynamic is None:
+        return {}
+    if isinstance(dynamic, (list, tuple)):
+        if n_positional == 0:
+            raise InputError("dynamic is a list (torch.export's positional form) but the example inputs are a dict "
+                             f"of keywords; give a dict: {{input_name: {{dim: (min, max)}}}} with names from {names}")
+        if len(dynamic) != n_positional:
+            raise InputError(f"dynamic has {len(dynamic)} entries but there are {n_positional} positional example "
+                             f"inputs ({names[:n_positional]}); give one {{dim: (min, max)}} or None per input")
+        dynamic = {names[i]: d for i, d in enumerate(dynamic) if d is not None}
+    if not isinstance(dynamic, Mapping):
+        raise InputError(f"dynamic must be a dict {{input_name: {{dim: (min, max)}}}}, not {type(dynamic).__name__}")
+    out: dict[str, dict[int, tuple[int, int]]] = {}
+    for name, dims in dynamic.items():
+        if not isinstance(name, str):
+            raise InputError(f"dynamic keys must be input names (str) from {names}, got {name!r}")
+        if name not in names:
+            raise InputError(f"dynamic dims given for unknown input {name!r}; inputs are {names}")
+        if dims is None:
+            continue
+        if not isinstance(dims, Mapping):
+            raise InputError(f"dynamic[{name!r}] must be a dict {{dim: (min, max)}}, got {dims!r}")
+        for dim, rng in dims.items():
+            try:
+                d = int(dim)
+            except (TypeError, ValueError):
+                raise InputError(f"dynamic[{name!r}] has dim {dim!r}; dims are ints (0 = batch, 1 = sequence)") from None
+            out.setdefault(name, {})[d] = _as_range(f"{name}[{d}]", rng)
+    return out
+
+
+def _token_inputs(inputs: dict[str, Any], ids: str = "") -> list[str]:
+    """The token-id input (the 2-D integer input that is not ``attention_mask``, or ``ids``) and
+    the attention mask, when present: the inputs decoder passes need dynamic."""
+    if ids:
+        names = [ids] if ids in inputs else []
+    else:
+        names = [n for n, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() == 2
+                 and not v.is_floating_point() and v.dtype != torch.bool and n != "attention_mask"]
+        if len(names) != 1:
+            return []
+    if "attention_mask" in inputs:
+        names.append("attention_mask")
+    return names
+
+
+def decoder_requirements(inputs: dict[str, Any], declared: dict[str, dict[int, tuple[int, int]]], module: Any,
+                         *, ids: str = "", max_len: int = 0) -> dict[str, dict[int, tuple[int, int]]]:
+    """Batch and sequence dynamic on the token ids and the attention mask, with one range each: the
+    range the user declared on either, else ``max_len`` / the model's configured length (capped at
+    :data:`DEFAULT_MAX_SEQ`) for the sequence and :data:`DEFAULT_BATCH` for the batch."""
+    names = _token_inputs(inputs, ids)
+    if not names:
+        return {}
+
+    def pick(dim: int, default: tuple[int, int]) -> tuple[int, int]:
+        for n in names:
+            if dim in declared.get(n, {}):
+                return declared[n][dim]
+        return default
+
+    seq_max = max_len or min(model_max_length(module) or DEFAULT_MAX_SEQ, DEFAULT_MAX_SEQ)
+    seq = pick(1, (1, seq_max))
+    batch = pick(0, DEFAULT_BATCH)
+    return {n: {0: batch, 1: seq} for n in names}
+
+
+def plan_dynamic(module: Any, example_inputs: Any, dynamic: Any, passes: list[Any] = ()
+                 ) -> tuple[dict[str, dict[int, tuple[int, int]]], list[str]]:
+    """The dynamic dims to capture with: the user's, plus what each pass declares it needs
+    (:meth:`graphopt.Pass.capture_requirements`). User-declared ranges win; a declared range a pass
+    cannot work with is an :class:`InputError` naming the input, dim and fix. Returns the dims and
+    notes for the report (what was added, by which pass)."""
+    args, kwargs = normalize_example_inputs(example_inputs)
+    names = _positional_names(module, len(args)) + list(kwargs)
+    values = list(args) + list(kwargs.values())
+    declared = normalize_dynamic(dynamic, names, len(args))
+    by_name = dict(zip(names, values))
+    final = {n: dict(d) for n, d in declared.items()}
+    notes: list[str] = []
+    for p in passes:
+        req = p.capture_requirements(by_name, declared, module) or {}
+        added = []
+        for name, dims in req.items():
+            for d, rng in dims.items():
+                if name in declared and d in declared[name]:
+                    lo, hi = declared[name][d]
+                    if hi < 2 or lo == hi:
+                        raise InputError(
+                            f"{p.name} needs dim {d} of {name!r} dynamic (e.g. {tuple(rng)}), but it was declared "
+                            f"({lo}, {hi}); widen it: dynamic={{{name!r}: {{{d}: {tuple(rng)}}}}}")
+                    continue
+                if d in final.get(name, {}) and final[name][d] != tuple(rng):
+                    continue  # an earlier pass set it
+                final.setdefault(name, {})[d] = tuple(rng)
+                added.append(f"{name}[{d}] in {tuple(rng)}")
+        if added:
+            notes.append(f"dynamic dims added for {p.name}: {', '.join(added)}")
+    return final, notes
+
+
+def _widen(value: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``value`` grown to ``size`` along ``dim`` by repeating it (an example of size 1 would make
+    torch.export specialize the dim)."""
+    reps = [1] * value.dim()
+    reps[dim] = -(-size // max(int(value.shape[dim]), 1))
+    return value.repeat(*reps).narrow(dim, 0, size).contiguous()
+
+
 def _check_tensors(names: list[str], values: list[Any]) -> None:
     for name, v in zip(names, values):
         if not isinstance(v, torch.Tensor):
@@ -70,9 +220,6 @@ def _dims_for(names: list[str], values: list[torch.Tensor], dynamic: DynamicSpec
     """Build torch.export Dims. Dims of equal example size and range share one Dim (``input_ids``
     and ``attention_mask`` share batch and sequence), since export requires equal dims to be one."""
     dynamic = dynamic or {}
-    unknown = set(dynamic) - set(names)
-    if unknown:
-        raise InputError(f"dynamic dims given for unknown input(s) {sorted(unknown)}; inputs are {names}")
     by_key: dict[tuple, Any] = {}
     dims: dict[str, dict[int, Any]] = {}
     ranges: dict[str, dict[int, tuple[int, int]]] = {}
@@ -94,6 +241,8 @@ def _dims_for(names: list[str], values: list[torch.Tensor], dynamic: DynamicSpec
             if not lo <= size <= hi:
                 raise InputError(f"example input {name!r} has size {size} at dim {dim}, outside its dynamic "
                                  f"range ({lo}, {hi}); widen the range or change the example")
+            if lo == hi:  # a single size is no range: torch.export cannot make a Dim of it; the dim is static
+                continue
             key = (dim, lo, hi, size)
             if key not in by_key:
                 base = {0: "batch", 1: "seq"}.get(dim, f"{name}_d{dim}")
@@ -128,6 +277,18 @@ def capture(module: torch.nn.Module, example_inputs: Any, dynamic: DynamicSpec |
     names = _positional_names(module, len(args)) + list(kwargs)
     values = list(args) + list(kwargs.values())
     _check_tensors(names, values)
+    dynamic = normalize_dynamic(dynamic, names, len(args))
+    user_values = list(values)
+    widened = []
+    for i, name in enumerate(names):
+        for d, (lo, hi) in sorted((dynamic.get(name) or {}).items()):
+            if d < values[i].dim() and int(values[i].shape[d]) < 2 <= hi and lo <= int(values[i].shape[d]):
+                # torch.export specializes sizes 0 and 1: capture with the example repeated to 2
+                values[i] = _widen(values[i], d, 2)
+                widened.append(f"{name}[{d}] {int(user_values[i].shape[d])} -> 2")
+    if widened:
+        args = tuple(values[: len(args)])
+        kwargs = dict(zip(list(kwargs), values[len(args):]))
     dims, ranges, dim_names = _dims_for(names, values, dynamic)
     if module.training:
         log.info("capturing %s in eval mode", type(module).__name__)
@@ -181,6 +342,10 @@ def capture(module: torch.nn.Module, example_inputs: Any, dynamic: DynamicSpec |
     ir = GraphIR(gm, [], [], call_convention="keyword" if kwargs else "positional",
                  out_structure=out_structure, example_inputs=[v.detach() for v in values],
                  meta={"capture": how, "model_class": f"{type(module).__module__}.{type(module).__qualname__}"})
+    if widened:
+        # the user's own example is verified too (compile adds it to the verification inputs)
+        ir.meta["capture_widened"] = widened
+        ir.user_example_inputs = [v.detach() for v in user_values]
     if how != "torch.export" or any("val" not in n.meta for n in gm.graph.nodes if n.op != "output"):
         ir.propagate_shapes()
     for n in gm.graph.nodes:

@@ -56,7 +56,7 @@ def dynamic_shapes_for(ir: GraphIR) -> tuple[dict[int, torch.export.Dim] | None,
         return None
     dims: dict[str, torch.export.Dim | None] = {}
     for label, (lo, hi) in ranges.items():
-        if hi < 2:  # a range within (0, 1) is no range for torch.export: the dim stays static
+        if hi < 2 or lo == hi:  # (0, 1) or a single size is no range for torch.export: the dim stays static
             dims[label] = None
             continue
         dims[label] = torch.export.Dim(_identifier(label), min=lo, max=hi)

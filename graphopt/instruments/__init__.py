@@ -19,6 +19,24 @@ from graphopt.passes.manager import StopPipeline
 log = logging.getLogger(__name__)
 
 _T0 = "_instrument_t0"
+_PHASE = "_instrument_phase"
+
+
+def _end_phase(ctx, rec, error: str | None = None) -> None:
+    started = ctx.data.pop(_PHASE, None)
+    tracker = ctx.data.get("phases")
+    if started is None or tracker is None:
+        return
+    from graphopt.memory import PhaseRecord
+
+    extra = {}
+    if rec is not None and isinstance(rec.get("verify"), dict) and rec["verify"].get("time_s") is not None:
+        extra["verify_s"] = rec["verify"]["time_s"]
+    if error:
+        extra["error"] = error
+    phase = tracker.end(PhaseRecord(started[0], extra=extra), started[1])
+    if rec is not None:
+        rec["rss_gib"], rec["peak_rss_gib"] = round(phase.rss_gib, 3), round(phase.peak_rss_gib, 3)
 
 
 def _plugin_of(pass_) -> str | None:
@@ -39,8 +57,17 @@ def graphopt_before_pass(pass_, ir, ctx):
     if ctx.progress:
         ctx.progress("start", pass_=pass_, index=ctx.index, total=len(ctx.passes))
     ctx.data[_T0] = time.perf_counter()
+    tracker = ctx.data.get("phases")
+    if tracker is not None:  # time and memory of the pass with its verification (graphopt.memory)
+        ctx.data[_PHASE] = (f"pass:{pass_.name}", tracker.start(f"pass:{pass_.name}"))
     ctx.rewrites = 0
     ctx.data["_last_rewrites"] = []
+    from graphopt.verify.policies import Equivalence
+
+    if ctx.verify and ctx.verifier is not None and isinstance(pass_.verification, Equivalence):
+        # a calling-convention change is checked against the graph it rewrote (after a lossy pass
+        # such as quantize, that graph, not the captured one): keep it (weights are shared)
+        ctx.data["_pre_pass_ir"] = ir.copy()
     return results
 
 
@@ -63,6 +90,7 @@ def graphopt_after_pass(pass_, ir, result, ctx):
             rec["ir_dump"] = str(f)
     if ctx.verify and ctx.verifier is not None:
         _verify(pass_, ir, ctx, rec)
+    _end_phase(ctx, rec)
     if ctx.progress:
         ctx.progress("end", pass_=pass_, index=ctx.index, total=len(ctx.passes), record=rec)
 
@@ -75,7 +103,7 @@ def _verify(pass_, ir, ctx, rec):
     policy = pass_.verification or allclose()
     t0 = time.perf_counter()
     try:
-        _, vrec = ctx.verifier.check(ir, policy)
+        _, vrec = ctx.verifier.check(ir, policy, before=ctx.data.pop("_pre_pass_ir", None))
     except Exception as e:
         vrec = {"policy": policy.describe(), "passed": False,
                                "message": f"the graph after {pass_.name!r} no longer runs: {type(e).__name__}: {e}"}
@@ -103,6 +131,8 @@ def _verify(pass_, ir, ctx, rec):
 @hookimpl
 def graphopt_pass_failed(pass_, ir, error, ctx):
     rec = ctx.report.current() if ctx.report is not None else None
+    _end_phase(ctx, rec if rec is not None and rec.get("name") == pass_.name else None,
+               f"{type(error).__name__}: {error}".splitlines()[0])
     if rec is not None and rec.get("name") == pass_.name and rec.get("error") is None:
         rec["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
     if ctx.dump_ir:

@@ -111,6 +111,9 @@ class GraphIR:
                                        for i, o in enumerate(outputs)]}
         self.example_inputs = list(example_inputs or [])
         self.meta = dict(meta or {})
+        #: the user's own example inputs when capture widened a size-1 dynamic dim (they are
+        #: verified too); ``None`` otherwise
+        self.user_example_inputs: list[torch.Tensor] | None = None
 
     # -- views ---------------------------------------------------------------------------
     @property
@@ -168,8 +171,14 @@ class GraphIR:
 
     # -- rewriting helpers ---------------------------------------------------------------
     def copy(self) -> GraphIR:
-        """A deep copy: passes may mutate it freely without touching the original."""
-        gm = copy.deepcopy(self.graph_module)
+        """A copy whose graph, modules and metadata are new but whose weights are SHARED.
+
+        Passes may rewrite the copy's graph freely; a pass that changes a weight puts a new tensor
+        in its place (``setattr`` / ``register_buffer``), which the original never sees, and never
+        writes into an existing tensor (copy-on-write: tests/test_shared_weights.py checks every
+        built-in pass). So a snapshot costs the graph, not the weights: a 1B-parameter model is
+        not duplicated for verification."""
+        gm = copy_graph_module(self.graph_module)
         return GraphIR(gm, copy.deepcopy(self.inputs), copy.deepcopy(self.outputs),
                        call_convention=self.call_convention,
                        out_structure=copy.deepcopy(self.out_structure),
@@ -233,6 +242,25 @@ class GraphIR:
     def __repr__(self) -> str:
         return (f"GraphIR(inputs=[{', '.join(map(str, self.inputs))}], outputs={self.output_names}, "
                 f"nodes={self.node_count()})")
+
+
+def shared_tensors(root: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """Every parameter, buffer and plain tensor attribute of ``root``'s module tree, by ``id``."""
+    found: dict[int, torch.Tensor] = {}
+    for mod in root.modules():
+        values = list(mod._parameters.values()) + list(mod._buffers.values())  # noqa: SLF001 - no public view keeps non-persistent/None entries
+        values += [v for v in vars(mod).values() if isinstance(v, torch.Tensor)]
+        for t in values:
+            if isinstance(t, torch.Tensor):
+                found[id(t)] = t
+    return found
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``copy.deepcopy(gm)`` except for tensors: parameters, buffers and tensor constants are the
+    same objects in the copy (seeded into deepcopy's memo), the graph, node metadata and the module
+    tree are new. Rewrite the copy by replacing tensors, never by writing into them."""
+    return copy.deepcopy(gm, dict(shared_tensors(gm)))
 
 
 def op_name(n: torch.fx.Node) -> str:

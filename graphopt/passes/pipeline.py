@@ -132,7 +132,25 @@ def resolve(specs: list[PassSpec] | str, registry: PassRegistry) -> list[Pass]:
     if isinstance(specs, str):
         specs = parse_pipeline(specs)
     passes = [registry.get(s.name).cls.from_options(s.options) for s in expand_aliases(specs, registry)]
-    return order_passes(passes)
+    return order_passes(insert_required_passes(passes, registry))
+
+
+def insert_required_passes(passes: list[Pass], registry: PassRegistry) -> list[Pass]:
+    """Put each pass's ``requires_passes`` in front of it when none of them runs earlier:
+    ``cleanup,kv-cache`` becomes ``cleanup,fuse-attention,kv-cache``. Inserted passes carry
+    ``inserted_for`` (the pass that needed them) so the report and the CLI can say so."""
+    out: list[Pass] = []
+    for p in passes:
+        need = tuple(getattr(p, "requires_passes", ()) or ())
+        if need and not any(q.name in need for q in out):
+            if need[0] not in registry.passes:
+                raise PipelineError(f"pass {p.name!r} needs one of {list(need)} before it, and no plugin "
+                                    f"registers {need[0]!r}; install it or put one of them in the pipeline")
+            extra = registry.get(need[0]).cls.from_options({})
+            extra.inserted_for = p.name
+            out.append(extra)
+        out.append(p)
+    return out
 
 
 def order_passes(passes: list[Pass]) -> list[Pass]:

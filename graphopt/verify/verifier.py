@@ -194,15 +194,18 @@ class Verifier:
             self._ref64 = None if any(r is None for r in refs) else refs
         return self._ref64
 
-    def check(self, ir: GraphIR, policy: Policy) -> tuple[Outcome, dict]:
+    def check(self, ir: GraphIR, policy: Policy, before: GraphIR | None = None) -> tuple[Outcome, dict]:
+        """Check ``ir`` with ``policy``. ``before``: the graph the pass rewrote, which an
+        :class:`Equivalence` policy compares with (it is linked to the original by the checks of
+        the passes before it); the original when not given."""
         from graphopt.verify.policies import Equivalence
 
         names = self.original.output_names
         if isinstance(policy, Equivalence):
             # the pass may change the calling convention: the policy's function drives both graphs
             ev = Evidence(output_names=names, original=self.original_outputs, candidate=[],
-                          reference64=self.reference64, original_ir=self.original, candidate_ir=ir,
-                          inputs=self.input_sets)
+                          reference64=self.reference64, original_ir=before if before is not None else self.original,
+                          candidate_ir=ir, inputs=self.input_sets)
             outcome = policy.check(ev)
             record = {"policy": policy.describe(), "passed": outcome.passed, "message": outcome.message,
                       "worst_output": outcome.worst_output, "error_vs_original": None, "error_vs_previous": None,

@@ -91,8 +91,18 @@ class KVCache(Pass):
     name = "kv-cache"
     Options = Options
     runs_after = ("fuse-attention", "eliminate-dead-code", "fold-constants")
+    requires_passes = ("fuse-attention",)  # canonical attention; inserted when the pipeline lacks it
     changes_signature = True
     verification = equivalence(decoding_equivalence, "greedy decoding with the cache == full recompute")
+
+    def capture_requirements(self, inputs, declared, module=None):
+        """Batch and sequence dynamic on the token ids and the attention mask (a single prompt of
+        shape [1, T] is a valid example): the declared ranges, else batch 1..64 and sequence
+        1..min(model's max positions, 4096) (``max_len`` for a static cache)."""
+        from graphopt.capture import decoder_requirements
+
+        return decoder_requirements(inputs, declared, module, ids=self.options.ids,
+                                    max_len=self.options.max_len if self.options.static else 0)
 
     def requires(self, ir: GraphIR) -> None:
         if ir.meta.get("generation"):

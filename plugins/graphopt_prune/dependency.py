@@ -669,9 +669,9 @@ def apply(gm: torch.fx.GraphModule, group: Group, keep: list[int]) -> None:
 def masked_copy(gm: torch.fx.GraphModule, plan: list[tuple[Group, list[int]]]) -> torch.fx.GraphModule:
     """A copy of ``gm`` with the sinks' columns of every removed unit zeroed: what the shrunk graph
     must compute exactly."""
-    import copy
+    from graphopt.ir.graph_ir import copy_graph_module
 
-    masked = copy.deepcopy(gm)
+    masked = copy_graph_module(gm)  # weights shared; the masked sinks get new tensors below
     names = {n.name: n for n in masked.graph.nodes}
     for group, keep in plan:
         dropped = [u for u in range(group.units) if u not in set(keep)]
