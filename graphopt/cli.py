@@ -178,12 +178,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompt = torch.tensor(ids)
     n_prompt = prompt.shape[1]
+    # checks every argument and the artifact's length limit before anything is printed
+    steps = eng.stream(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       seed=args.seed, eos_token_id=args.eos, truncate=args.truncate)
     seq, shown = prompt, ""
     if tok is not None and not args.quiet:  # stream the text as it is generated
         shown = tok.decode(ids[0])
         print(shown, end="", flush=True)
-    for seq in eng.stream(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          seed=args.seed, eos_token_id=args.eos):
+    for seq in steps:
         if tok is not None and not args.quiet:
             text = tok.decode(seq[0].tolist())
             if text.startswith(shown):
@@ -195,6 +197,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(text[len(shown):] if not args.quiet and text.startswith(shown) else ("" if not args.quiet else text))
     else:
         print(",".join(str(i) for i in ids[0] + new))
+    if not args.quiet:  # on stderr: stdout stays the text (or ids) alone, for pipes
+        from graphopt.runtime.generation import STOP_LENGTH, limits
+
+        reason = getattr(seq, "stop_reason", None) or STOP_LENGTH  # no step ran: the prompt filled the artifact
+        why = f", the artifact's limit of {limits(eng.manifest).max_len} tokens" if reason == STOP_LENGTH else ""
+        _eprint(f"[stopped: {reason} ({len(new)} new token{'s' * (len(new) != 1)}{why})]")
     return EXIT_OK
 
 
@@ -268,6 +276,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  model: {model.get('spec') or model.get('class')}  (captured with {model.get('capture')})")
     print("  inputs:  " + ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in m["inputs"]))
     print("  outputs: " + ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in m["outputs"]))
+    from graphopt.errors import InputError
+    from graphopt.runtime.generation import limits
+
+    try:  # decoder artifacts: how long a sequence `generate` can make
+        print(f"  generation: {limits(m).describe()}")
+    except (InputError, KeyError, StopIteration):
+        pass  # not a decoder LM
     v = m.get("versions") or {}
     print("  built with: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
     print(f"  checksums: {checks}")
@@ -419,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--eos", type=int, help="stop at this token id")
+    gen.add_argument("--truncate", action="store_true", help="stop at the artifact's maximum length (prompt + new "
+                     "tokens, see `graphopt inspect`) instead of refusing a request that does not fit")
     gen.add_argument("-q", "--quiet", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

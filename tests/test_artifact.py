@@ -412,5 +412,7 @@ def test_generate_stops_at_eos(lm):
 
 def test_generate_respects_the_compiled_sequence_range(lm):
     _, prompt, eng = lm
-    got = eng.generate(prompt, max_new_tokens=100)
-    assert got.shape[1] == 32  # the dynamic range's maximum
+    with pytest.raises(graphopt.InputError, match="exceeds the 32 tokens this artifact holds"):
+        eng.generate(prompt, max_new_tokens=100)
+    got = eng.generate(prompt, max_new_tokens=100, truncate=True)
+    assert got.shape[1] == 32 and got.stop_reason == "length"  # the dynamic range's maximum

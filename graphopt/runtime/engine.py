@@ -8,6 +8,9 @@ the manifest so a bad input gets a clear message, not an error from deep inside 
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +75,9 @@ class Engine:
         return [self._check(spec, bound[spec.name]) for spec in self.inputs]
 
     def _check(self, spec: TensorSpec, value: Any) -> Any:
+        if not isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+            raise InputError(f"input {spec.name!r} must be a torch.Tensor or numpy array ({spec}), got "
+                             f"{type(value).__name__}; wrap it, e.g. torch.tensor(...)")
         if isinstance(value, torch.Tensor):
             want = dtype_from_name(spec.dtype)
             if value.dtype != want:
@@ -112,32 +118,59 @@ class Engine:
     def expected_outputs(self) -> dict[str, np.ndarray]:
         return _read_npz(self.path / self.manifest.get("examples", {}).get("outputs", "expected_outputs.npz"))
 
-    # -- generation ----------------------------------------------------------------------
+    # -- generation ------------------------------------------------------------------------
     def generate(self, ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
-                 eos_token_id: int | None = None, attention_mask: Any = None, seed: int | None = None) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled decoding; returns prompt + new tokens [B, T + n]."""
+                 eos_token_id: int | list[int] | None = None, attention_mask: Any = None, seed: int | None = None,
+                 truncate: bool = False) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled decoding; returns prompt + new tokens [B, T + n] (int64).
+
+        ``ids`` is an integer tensor / numpy array [B, T] (or [T]). The request must fit the artifact:
+        T + ``max_new_tokens`` may not exceed the longest sequence it was compiled for (the kv-cache
+        ``max_len``, or the token-id input's dynamic sequence maximum; ``graphopt inspect`` shows it),
+        else :class:`InputError` before anything runs. ``truncate=True`` stops at that limit instead.
+
+        The returned tensor says why decoding stopped: ``out.stop_reason`` is ``"eos"`` (every row
+        produced ``eos_token_id``), ``"length"`` (the artifact's limit, only with ``truncate=True``)
+        or ``"max_new_tokens"``; ``out.stop_reasons`` gives it per row. Rows that end early are padded
+        with ``eos_token_id`` (first one when a list). The attributes live on this tensor object only:
+        slicing or arithmetic returns plain tensors.
+        """
+        from graphopt.runtime.generation import STOP_LENGTH, mark
+
+        req, steps = self._start(ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                                 eos_token_id=eos_token_id, attention_mask=attention_mask, seed=seed,
+                                 truncate=truncate)
         last = None
-        for seq in self.stream(ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                               eos_token_id=eos_token_id, attention_mask=attention_mask, seed=seed):
+        for seq in steps:
             last = seq
-        return last if last is not None else torch.as_tensor(np.asarray(ids)).long()
+        if last is None:  # truncate=True and the prompt already fills the artifact
+            last = mark(req.ids.clone(), torch.zeros(req.ids.shape[0], dtype=torch.bool), STOP_LENGTH)
+        return last
 
     def stream(self, ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
-               eos_token_id: int | None = None, attention_mask: Any = None, seed: int | None = None
-               ) -> Iterator[torch.Tensor]:
-        """Yield the growing sequence after every new token.
+               eos_token_id: int | list[int] | None = None, attention_mask: Any = None, seed: int | None = None,
+               truncate: bool = False) -> Iterator[torch.Tensor]:
+        """Yield the growing sequence [B, T + i] after every new token (arguments as :meth:`generate`).
+
+        The arguments are checked when ``stream`` is called, before the first step. Every yielded
+        tensor has ``stop_reason`` (``None`` until the last one, which carries the reason) and
+        ``stop_reasons`` (per row; ``"eos"`` for rows that already ended). With ``truncate=True`` and
+        a prompt that already fills the artifact, nothing is yielded.
 
         Artifacts compiled with the ``kv-cache`` pass prefill the prompt once and then feed one
         token per step with the cache (kept in bound OrtValues for ONNX Runtime). Artifacts without
         a cache recompute the whole prefix each step (correct, O(T^2)). ``attention_mask`` marks
         left padding for prompts of different lengths.
         """
-        from graphopt.runtime.generation import stream_cached, stream_full_prefix
+        return self._start(ids, max_new_tokens, temperature=temperature, top_k=top_k, eos_token_id=eos_token_id,
+                           attention_mask=attention_mask, seed=seed, truncate=truncate)[1]
 
-        gen = self.manifest.get("generation") or {}
-        fn = stream_cached if gen.get("kind") == "kv-cache" else stream_full_prefix
-        yield from fn(self, ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                                      eos_token_id=eos_token_id, attention_mask=attention_mask, seed=seed)
+    def _start(self, ids: Any, max_new_tokens: Any, **kw: Any) -> tuple[Any, Iterator[torch.Tensor]]:
+        from graphopt.runtime.generation import prepare, stream_cached, stream_full_prefix
+
+        req = prepare(self, ids, max_new_tokens, **kw)
+        fn = stream_cached if req.limits.kind == "kv-cache" else stream_full_prefix
+        return req, fn(self, req)
 
     def close(self) -> None:
         self.runner.close()
@@ -162,8 +195,11 @@ def load(path: str | Path, **options: Any) -> Engine:
     """Load an artifact directory written by ``graphopt.compile`` / ``graphopt compile``.
 
     ``options`` go to the backend's runner (e.g. ``providers=[...]``, ``threads=2`` for ONNX
-    Runtime, ``device="cuda"`` for torch).
+    Runtime, ``device="cuda"`` for torch). An option no installed backend takes (a misspelling) is
+    an :class:`InputError`; a missing, malformed or tampered artifact an :class:`ArtifactError`.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"graphopt.load takes the artifact directory as a str or Path, got {type(path).__name__}")
     p = Path(path)
     manifest = read_manifest(p)
     verify_checksums(p, manifest)
@@ -174,5 +210,37 @@ def load(path: str | Path, **options: Any) -> Engine:
     except UnknownBackendError:
         raise ArtifactError(f"artifact {p} needs target {manifest['target']!r}, which no installed plugin "
                             "provides; install the plugin that built it") from None
+    _check_options(p, manifest["target"], backend, options)
     runner = backend.load(p, manifest, **options)
     return Engine(p, manifest, runner)
+
+
+def _load_options(backend_cls: type) -> tuple[list[str], bool]:
+    """The keyword options ``backend_cls.load`` names, and whether it reads arbitrary ``**options``
+    (a catch-all named ``_`` means "ignored": the built-in backends take each other's options)."""
+    params = list(inspect.signature(backend_cls.load).parameters.values())[3:]  # self, artifact_dir, manifest
+    named = [q.name for q in params if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)]
+    reads_any = any(q.kind is q.VAR_KEYWORD and q.name != "_" for q in params)
+    return named, reads_any
+
+
+def _check_options(path: Path, target: str, backend: Any, options: dict[str, Any]) -> None:
+    """A misspelled option (``provider=`` for ``providers=``) is an error, not silently ignored.
+    Options another installed backend takes (``device=``, ``threads=``) are accepted, so one call
+    can load artifacts of any target."""
+    if not options:
+        return
+    own, reads_any = _load_options(type(backend))
+    if reads_any:
+        return
+    from graphopt.plugins import get_plugin_manager
+
+    known = set(own)
+    for cls, _ in get_plugin_manager().backends.values():
+        known.update(_load_options(cls)[0])
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(f"unknown load option {unknown[0]!r}{hint}; the {target} runner of {path} takes "
+                         f"{', '.join(own) or 'no options'}")
