@@ -79,6 +79,7 @@ def _parse_dynamic(items: list[str]) -> dict[str, dict[int, tuple[int, int]]]:
 # -- subcommands -----------------------------------------------------------------------------
 def cmd_compile(args: argparse.Namespace) -> int:
     import graphopt
+    from graphopt.checkpoint import is_checkpoint_dir
     from graphopt.errors import InputError
     from graphopt.model_loader import factory_tokenizer, load_factory_with_module
     from graphopt.passes.pipeline import BuildConfig, load_config
@@ -88,11 +89,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise InputError("give either --pipeline or --config (whose 'pipeline' key sets the passes), not both")
     model_spec = args.model or cfg.model
     if not model_spec:
-        raise InputError("no MODEL given: pass path/to/file.py:factory (or set model = \"...\" in the --config file)")
+        raise InputError("no MODEL given: pass path/to/file.py:factory or a checkpoint directory (or set "
+                         "model = \"...\" in the --config file)")
     pipeline = args.pipeline or cfg.pipeline
     target = args.target or cfg.target or "onnx"
     out = args.out or cfg.out
-    module, example_inputs, dynamic, factory_file = load_factory_with_module(model_spec)
+    if is_checkpoint_dir(model_spec):  # compile() loads it (config.json, safetensors, tokenizer) once the
+        module, example_inputs, dynamic, factory_file = model_spec, None, None, None  # pipeline and target check out
+    else:
+        module, example_inputs, dynamic, factory_file = load_factory_with_module(model_spec)
     dynamic = dict(dynamic or {})
     for name, dims in {**cfg.dynamic, **_parse_dynamic(args.dynamic)}.items():
         dynamic.setdefault(name, {}).update(dims)
@@ -104,7 +109,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            report=None if args.report == "json" else "html", inputs=args.inputs or cfg.inputs,
                            target_options=_require_engine(args, target, cfg.target_options), n_random=args.random_inputs,
                            progress=progress, model_spec=model_spec,
-                           tokenizer=args.tokenizer or cfg.tokenizer or factory_tokenizer(factory_file))
+                           tokenizer=args.tokenizer or cfg.tokenizer or factory_tokenizer(factory_file), dtype=args.dtype)
     from graphopt.report import format_table
 
     print(format_table(art.report))
@@ -391,8 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Capture MODEL, run the pipeline with per-pass verification against the original "
                                    "graph, lower to TARGET and write an artifact directory atomically.\n"
                                    "MODEL is path/to/file.py:factory; factory() returns (module, example_inputs) "
-                                   "or (module, example_inputs, dynamic).")
-    c.add_argument("model", nargs="?", help="path/to/file.py:factory (or `model` in --config)")
+                                   "or (module, example_inputs, dynamic). MODEL may also be a Hugging Face checkpoint "
+                                   "directory (config.json, *.safetensors, tokenizer.json): it is loaded from local "
+                                   "files with transformers, with example inputs from its tokenizer, dynamic batch "
+                                   "1..8 and sequence 1..min(max_position_embeddings, 4096), and its tokenizer "
+                                   "shipped in the artifact.")
+    c.add_argument("model", nargs="?", help="path/to/file.py:factory or a checkpoint directory (or `model` in --config)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--pipeline", help="pipeline text, e.g. 'cleanup,my-pass(k=3)' (default: cleanup)")
     g.add_argument("--config", metavar="build.toml", help="TOML build config (pipeline, target, out, dynamic, ...)")
@@ -401,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--inputs", metavar="FILE.npz", help="extra evaluation inputs (one array per input name)")
     c.add_argument("--dynamic", action="append", default=[], metavar="NAME:DIM=MIN..MAX",
                    help="mark an input dim dynamic (repeatable), e.g. input_ids:1=1..512")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="checkpoint directories: load the weights in this dtype (default: the dtype in its config.json)")
     c.add_argument("--tokenizer", metavar="tokenizer.json", help="ship this tokenizer in the artifact for "
                    "`graphopt generate --prompt` (default: the factory file's TOKENIZER, if any)")
     c.add_argument("--no-verify", action="store_true", help="skip per-pass and post-lowering verification")

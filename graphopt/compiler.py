@@ -92,7 +92,8 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
              extra_inputs: list[list[torch.Tensor]] | None = None, n_random: int = 1,
              progress: Callable[..., None] | None = None, model_spec: str | None = None,
              report: Report | None = None, artifact_dir: str | Path | None = None,
-             tokenizer: str | Path | None = None) -> tuple[GraphIR, GraphIR, Report, Verifier | None]:
+             tokenizer: str | Path | None = None, dtype: Any = None
+             ) -> tuple[GraphIR, GraphIR, Report, Verifier | None]:
     """Capture (unless given a GraphIR) and run the pipeline with per-pass verification.
 
     Returns ``(original, optimized, report, verifier)``.
@@ -100,6 +101,15 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
     pm = get_plugin_manager()
     passes = resolve(pipeline, pm.passes)
     text = pipeline_text_of(pipeline, passes)
+    if isinstance(model, (str, Path)):  # a checkpoint directory or path/to/file.py:factory (model_loader)
+        from graphopt.model_loader import resolve_model_arg
+
+        model_spec = model_spec or str(model)
+        model, example_inputs, dynamic, tokenizer = resolve_model_arg(model, example_inputs, dynamic, dtype=dtype,
+                                                                      tokenizer=tokenizer)
+    elif dtype is not None:
+        raise InputError("dtype (--dtype) applies to a model given as a checkpoint directory; cast a module "
+                         "yourself (model.to(torch.bfloat16) in the factory) instead")
     ir = model if isinstance(model, GraphIR) else capture(model, example_inputs, dynamic)
     original = ir.copy()
     report = report or Report(model=model_spec or ir.meta.get("model_class", ""), pipeline=text)
@@ -131,11 +141,13 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
             dump_ir: str | None = None, report: str | None = "html", inputs: str | Path | None = None,
             target_options: dict[str, Any] | None = None, n_random: int = 1,
             progress: Callable[..., None] | None = None, model_spec: str | None = None,
-            tokenizer: str | Path | None = None) -> Artifact:
+            tokenizer: str | Path | None = None, dtype: Any = None) -> Artifact:
     """Compile ``model`` into an artifact directory at ``out``.
 
     Args:
-        model: an ``nn.Module`` (captured with ``example_inputs``) or a :class:`GraphIR`.
+        model: an ``nn.Module`` (captured with ``example_inputs``), a :class:`GraphIR`, or a model spec:
+            a Hugging Face checkpoint directory (config.json + safetensors + tokenizer.json; its
+            example inputs, dynamic dims and tokenizer come with it) or ``path/to/file.py:factory``.
         example_inputs: tuple of positional tensors or dict of keyword tensors.
         pipeline: pipeline text, e.g. ``"cleanup,fuse-attention"``.
         target: a registered backend (``onnx``, ``torch``, ...).
@@ -147,11 +159,22 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
         inputs: an ``.npz`` of extra evaluation inputs (one array per input name).
         tokenizer: a tokenizers ``tokenizer.json`` to ship in the artifact (``graphopt generate
             --prompt`` uses it).
+        dtype: ``float32`` / ``bfloat16`` / ``float16``: the dtype a checkpoint directory is loaded
+            in (default: its config's).
     """
     t_start = time.perf_counter()
     pm = get_plugin_manager()
     backend = pm.backend(target)  # unknown target → error before any work
     resolve(pipeline, pm.passes)  # unknown pass/option → error before capture
+    if isinstance(model, (str, Path)):  # a checkpoint directory or path/to/file.py:factory (model_loader)
+        from graphopt.model_loader import resolve_model_arg
+
+        model_spec = model_spec or str(model)
+        model, example_inputs, dynamic, tokenizer = resolve_model_arg(model, example_inputs, dynamic, dtype=dtype,
+                                                                      tokenizer=tokenizer)
+    elif dtype is not None:
+        raise InputError("dtype (--dtype) applies to a model given as a checkpoint directory; cast a module "
+                         "yourself (model.to(torch.bfloat16) in the factory) instead")
     ir = model if isinstance(model, GraphIR) else capture(model, example_inputs, dynamic)
     if out is None:
         out = Path("build") / ir.meta.get("model_class", "model").rsplit(".", 1)[-1].lower()

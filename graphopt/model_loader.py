@@ -1,27 +1,65 @@
-"""``path/to/file.py:factory`` → (module, example_inputs, dynamic).
+"""A model spec → (module, example_inputs, dynamic, tokenizer).
 
-The factory takes no arguments and returns ``(module, example_inputs)`` or
-``(module, example_inputs, dynamic)`` where ``dynamic`` is ``{input: {dim: (min, max)}}``.
-The file is imported under a private module name with its folder on ``sys.path`` (so it can import
-its neighbours), without touching the caller's ``sys.modules`` entries of the same name.
+Two kinds of spec:
+
+- ``path/to/file.py:factory``: the factory takes no arguments and returns ``(module,
+  example_inputs)`` or ``(module, example_inputs, dynamic)`` where ``dynamic`` is
+  ``{input: {dim: (min, max)}}``. The file is imported under a private module name with its folder
+  on ``sys.path`` (so it can import its neighbours), without touching the caller's ``sys.modules``
+  entries of the same name.
+- a Hugging Face checkpoint directory (config.json + safetensors + tokenizer):
+  :mod:`graphopt.checkpoint` loads it.
+
+:func:`load_model` takes either; ``compile``, ``optimize`` and the CLI go through it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from graphopt.errors import ModelLoadError
+from graphopt.errors import InputError, ModelLoadError
+
+
+@dataclass
+class LoadedModel:
+    """A resolved model spec: what ``compile`` needs, plus the tokenizer.json to ship (if any)."""
+
+    module: torch.nn.Module
+    example_inputs: Any
+    dynamic: dict | None
+    tokenizer: str | None = None
+
+
+def load_model(spec: str | Path, *, dtype: Any = None, dynamic: dict | None = None) -> LoadedModel:
+    """Resolve ``spec``: a checkpoint directory or ``path/to/file.py:factory``.
+
+    ``dtype`` (``float32`` / ``bfloat16`` / ``float16``) and ``dynamic`` shape what a checkpoint
+    directory loads as (its example inputs are sized to fit ``dynamic``); for a factory, ``dynamic``
+    is left to the caller to merge and ``dtype`` is refused (the factory decides its dtype).
+    """
+    from graphopt.checkpoint import is_checkpoint_dir, load_checkpoint
+
+    if is_checkpoint_dir(spec):
+        ck = load_checkpoint(spec, dtype=dtype, dynamic=dynamic)
+        return LoadedModel(ck.module, ck.example_inputs, ck.dynamic, str(ck.tokenizer) if ck.tokenizer else None)
+    if dtype is not None:
+        raise InputError(f"dtype {dtype!r} applies to checkpoint directories; {spec} is a factory file: cast the "
+                         "module in the factory (model.to(torch.bfloat16)) instead")
+    module_obj, example_inputs, dyn, factory_file = load_factory_with_module(str(spec))
+    return LoadedModel(module_obj, example_inputs, dyn, factory_tokenizer(factory_file))
 
 
 def split_spec(spec: str) -> tuple[Path, str]:
     file, sep, factory = spec.rpartition(":")
     if not sep or not file or not factory:
-        raise ModelLoadError(f"model {spec!r} must be path/to/file.py:factory, e.g. samples/models/nanogpt.py:build")
+        raise ModelLoadError(f"model {spec!r} must be path/to/file.py:factory (e.g. samples/models/nanogpt.py:build) "
+                             "or a checkpoint directory holding config.json (and it is neither)")
     return Path(file), factory
 
 
@@ -78,3 +116,17 @@ def load_factory_with_module(spec: str, **kwargs: Any) -> tuple[torch.nn.Module,
     if not isinstance(module_obj, torch.nn.Module):
         raise ModelLoadError(f"{spec} returned a {type(module_obj).__name__} as its module; return a torch.nn.Module")
     return module_obj, example_inputs, dynamic, module
+
+
+def resolve_model_arg(model: str | Path, example_inputs: Any = None, dynamic: dict | None = None, *,
+                      dtype: Any = None, tokenizer: str | Path | None = None
+                      ) -> tuple[torch.nn.Module, Any, dict | None, str | Path | None]:
+    """``compile("DIR")`` / ``optimize("file.py:factory")``: a model given as a spec →
+    ``(module, example_inputs, dynamic, tokenizer)``. What the caller passed explicitly wins:
+    its example inputs and tokenizer replace the spec's, its dynamic dims are merged over them."""
+    loaded = load_model(model, dtype=dtype, dynamic=dynamic)
+    merged = {k: dict(v) for k, v in (loaded.dynamic or {}).items()}
+    for name, dims in (dynamic or {}).items():
+        merged.setdefault(name, {}).update(dims)
+    return (loaded.module, example_inputs if example_inputs is not None else loaded.example_inputs,
+            merged or None, tokenizer or loaded.tokenizer)
