@@ -23,6 +23,7 @@ from graphopt.errors import (
     PassOptionError,
     PipelineError,
     PluginError,
+    ResourceError,
     UnknownBackendError,
     UnknownPassError,
     VerificationError,
@@ -38,6 +39,6 @@ __all__ = [
     "GraphIR", "TensorSpec", "Pass", "PassContext", "PassResult", "Backend", "Lowered", "Runner",
     "hookimpl", "get_plugin_manager",
     "GraphoptError", "ArtifactError", "BackendError", "CaptureError", "ChecksumError", "InputError",
-    "PassError", "PassOptionError", "PipelineError", "PluginError", "UnknownBackendError",
+    "PassError", "PassOptionError", "PipelineError", "PluginError", "ResourceError", "UnknownBackendError",
     "UnknownPassError", "VerificationError",
 ]

@@ -19,14 +19,16 @@ import numpy as np
 import torch
 
 from graphopt.artifact import FORMAT, SCHEMA_VERSION, ArtifactWriter
-from graphopt.capture import capture
+from graphopt.capture import capture, plan_dynamic
 from graphopt.errors import InputError, VerificationError
 from graphopt.ir.graph_ir import GraphIR
+from graphopt.memory import PhaseTracker
 from graphopt.passes.base import PassContext
 from graphopt.passes.manager import PassManager
 from graphopt.passes.pipeline import pipeline_text, resolve
 from graphopt.plugins import get_plugin_manager
 from graphopt.report import Report
+from graphopt.runtime.arrays import raw_bit_dtypes
 from graphopt.verify.policies import allclose
 from graphopt.verify.verifier import Verifier, make_verification_inputs
 
@@ -92,7 +94,7 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
              extra_inputs: list[list[torch.Tensor]] | None = None, n_random: int = 1,
              progress: Callable[..., None] | None = None, model_spec: str | None = None,
              report: Report | None = None, artifact_dir: str | Path | None = None,
-             tokenizer: str | Path | None = None, dtype: Any = None
+             tokenizer: str | Path | None = None, tracker: PhaseTracker | None = None, dtype: Any = None
              ) -> tuple[GraphIR, GraphIR, Report, Verifier | None]:
     """Capture (unless given a GraphIR) and run the pipeline with per-pass verification.
 
@@ -110,19 +112,37 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
     elif dtype is not None:
         raise InputError("dtype (--dtype) applies to a model given as a checkpoint directory; cast a module "
                          "yourself (model.to(torch.bfloat16) in the factory) instead")
-    ir = model if isinstance(model, GraphIR) else capture(model, example_inputs, dynamic)
-    original = ir.copy()
-    report = report or Report(model=model_spec or ir.meta.get("model_class", ""), pipeline=text)
-    report.data["pipeline"] = text
-    report.set_original(original)
-    report.data["verification"]["enabled"] = verify
-    verifier = None
-    if verify:
-        sets = make_verification_inputs(original, n_random=n_random)
-        sets.extend(extra_inputs or [])
-        verifier = Verifier(original, sets)
+    tracker = tracker or PhaseTracker(progress)
+    if isinstance(model, GraphIR):
+        ir = model
+    else:
+        dynamic, notes = plan_dynamic(model, example_inputs, dynamic, passes)
+        with tracker.phase("capture"):
+            ir = capture(model, example_inputs, dynamic)
+        ir.meta.setdefault("capture_notes", []).extend(notes)
+    with tracker.phase("verify:setup"):
+        original = ir.copy()  # weights shared with ``ir`` (copy-on-write), see GraphIR.copy
+        report = report or Report(model=model_spec or ir.meta.get("model_class", ""), pipeline=text)
+        report.data["pipeline"] = text
+        report.set_original(original)
+        report.data["verification"]["enabled"] = verify
+        verifier = None
+        if verify:
+            sets = make_verification_inputs(original, n_random=n_random)
+            if ir.user_example_inputs is not None:  # capture widened a size-1 dim: check the user's own
+                sets.append(list(ir.user_example_inputs))
+            sets.extend(extra_inputs or [])
+            verifier = Verifier(original, sets)
+        notes = list(ir.meta.get("capture_notes", []))
+        if ir.meta.get("capture_widened"):
+            notes.append(f"capture widened the example ({', '.join(ir.meta['capture_widened'])}): torch.export "
+                         "makes size-1 dims static; the given example is verified as well")
+        notes += [f"{p.name} inserted before {p.inserted_for} (it needs it)" for p in passes
+                  if getattr(p, "inserted_for", None)]
+        report.data["notes"] = notes
     ctx = PassContext(original=original, pipeline_text=text, verify=verify, verifier=verifier,
                       dump_ir=dump_ir, repro_dir=repro_dir, report=report, progress=progress)
+    ctx.data["phases"] = tracker
     ctx.data["model_spec"] = model_spec
     # where the artifact goes (passes may reuse what a previous build left there, e.g. calibration
     # scales) and the model's tokenizer (passes that read text, e.g. calibrate)
@@ -141,7 +161,7 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
             dump_ir: str | None = None, report: str | None = "html", inputs: str | Path | None = None,
             target_options: dict[str, Any] | None = None, n_random: int = 1,
             progress: Callable[..., None] | None = None, model_spec: str | None = None,
-            tokenizer: str | Path | None = None, dtype: Any = None) -> Artifact:
+            tokenizer: str | Path | None = None, dtype: Any = None, memory_check: bool = True) -> Artifact:
     """Compile ``model`` into an artifact directory at ``out``.
 
     Args:
@@ -165,7 +185,7 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
     t_start = time.perf_counter()
     pm = get_plugin_manager()
     backend = pm.backend(target)  # unknown target → error before any work
-    resolve(pipeline, pm.passes)  # unknown pass/option → error before capture
+    passes = resolve(pipeline, pm.passes)  # unknown pass/option → error before capture
     if isinstance(model, (str, Path)):  # a checkpoint directory or path/to/file.py:factory (model_loader)
         from graphopt.model_loader import resolve_model_arg
 
@@ -175,7 +195,17 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
     elif dtype is not None:
         raise InputError("dtype (--dtype) applies to a model given as a checkpoint directory; cast a module "
                          "yourself (model.to(torch.bfloat16) in the factory) instead")
-    ir = model if isinstance(model, GraphIR) else capture(model, example_inputs, dynamic)
+    tracker = PhaseTracker(progress)
+    estimate = None
+    if not isinstance(model, GraphIR):
+        estimate = check_memory(model, passes, verify=verify, target=target, enabled=memory_check)
+    if isinstance(model, GraphIR):
+        ir = model
+    else:
+        dynamic, notes = plan_dynamic(model, example_inputs, dynamic, passes)
+        with tracker.phase("capture"):
+            ir = capture(model, example_inputs, dynamic)
+        ir.meta.setdefault("capture_notes", []).extend(notes)
     if out is None:
         out = Path("build") / ir.meta.get("model_class", "model").rsplit(".", 1)[-1].lower()
     out = Path(out)
@@ -185,19 +215,21 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
     original, optimized, rep, verifier = optimize(
         ir, pipeline=pipeline, verify=verify, dump_ir=dump_ir, repro_dir=repro_dir, extra_inputs=extra,
         n_random=n_random, progress=progress, model_spec=model_spec, report=rep, artifact_dir=out,
-        tokenizer=tokenizer)
+        tokenizer=tokenizer, tracker=tracker)
 
     with ArtifactWriter(out) as w:
         if progress:
             progress("lower", target=target)
         t0 = time.perf_counter()
-        lowered = backend.lower(optimized, w.dir, dict(target_options or {}))
+        with tracker.phase("lower"):
+            lowered = backend.lower(optimized, w.dir, dict(target_options or {}))
         low = {"target": target, "time_s": round(time.perf_counter() - t0, 4), "nodes": optimized.node_count(),
                "files": lowered.files, "notes": lowered.notes, "verify": None}
         rep.data["lowering"] = low
         manifest = _manifest(optimized, original, target, lowered, rep, model_spec)
         if verify and lowered.payload.get("runnable", True):
-            low["verify"] = _verify_lowered(backend, w.dir, manifest, verifier, optimized.output_names, optimized)
+            with tracker.phase("verify:lower"):
+                low["verify"] = _verify_lowered(backend, w.dir, manifest, verifier, optimized.output_names, optimized)
             low["notes"] += [f"dynamic range narrowed: {n}" for n in low["verify"].get("narrowed", [])]
             if progress:
                 progress("lowered", record=low)
@@ -207,6 +239,7 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
                     f"the {target} artifact does not reproduce the original graph: {low['verify']['message']}\n"
                     f"  the optimized graph verified; the lowering to {target!r} changed the numerics. "
                     f"Report this with the pipeline {rep.data['pipeline']!r}", record=low["verify"])
+        write_phase = tracker.start("write")
         _save_examples(w.dir, optimized if (optimized.meta.get("lowering_check") or {}).get("against") == "optimized"
                        else original, (optimized.meta.get("padding_removed") or {}).get("mask"))
         _save_pass_files(w.dir, optimized, manifest)
@@ -216,8 +249,17 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
                 raise InputError(f"tokenizer file {tok} does not exist")
             shutil.copyfile(tok, w.dir / "tokenizer.json")
             manifest["tokenizer"] = "tokenizer.json"
+        from graphopt.memory import PhaseRecord
+
+        tracker.end(PhaseRecord("write"), write_phase)
         rep.finish()
         rep.data["total_time_s"] = round(time.perf_counter() - t_start, 4)
+        rep.data["memory"] = tracker.summary()
+        if estimate is not None:
+            rep.data["memory"]["estimate"] = {"peak_gib": round(estimate.peak_bytes / 2**30, 3),
+                                              "weights_gib": round(estimate.weight_bytes / 2**30, 3),
+                                              "text": estimate.describe()}
+        rep.data["phases"] = rep.data["memory"]["phases"]
         manifest["verification"] = _verification_summary(rep)
         (w.dir / "report.json").write_text(rep.to_json() + "\n")
         if report == "html":
@@ -226,6 +268,31 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
             (w.dir / "report.html").write_text(render_html(rep.data))
         path = w.commit(manifest)
     return Artifact(path, manifest, rep.data)
+
+
+def check_memory(model: Any, passes: list, *, verify: bool, target: str, enabled: bool = True):
+    """Estimate the compile's peak memory before capture (:func:`graphopt.memory.estimate_compile_memory`)
+    and refuse with a :class:`ResourceError` when it cannot fit, rather than be killed by the kernel
+    minutes later. ``enabled=False`` or ``GRAPHOPT_MEMORY_CHECK=0`` only records the estimate."""
+    import os
+
+    from graphopt.errors import ResourceError
+    from graphopt.memory import estimate_compile_memory, module_weight_bytes
+
+    est = estimate_compile_memory(module_weight_bytes(model), passes, verify=verify, target=target)
+    if est.fits or not enabled or os.environ.get("GRAPHOPT_MEMORY_CHECK", "1") == "0":
+        return est
+    names = {p.name for p in passes}
+    ways = []
+    if verify:
+        ways.append("compile without verification (verify=False, --no-verify): no ONNX Runtime check of the weights")
+    ways.append("load the model in a lower precision (--dtype bfloat16 for a checkpoint directory, or "
+                "model.to(torch.bfloat16)): half the weight bytes")
+    if "merge-gemms" in names:
+        ways.append("leave merge-gemms out (fuse-attention,fuse-norms,fuse-rope,fuse-activations instead of fuse)")
+    ways.append("free memory, or run on a machine with more (GRAPHOPT_MEMORY_CHECK=0 / memory_check=False tries anyway)")
+    raise ResourceError(f"this compile would not fit in memory: {est.describe()}.\n  ways to need less:\n    - "
+                        + "\n    - ".join(ways))
 
 
 def _manifest(ir: GraphIR, original: GraphIR, target: str, lowered: Any, rep: Report, model_spec: str | None) -> dict:
@@ -242,7 +309,11 @@ def _manifest(ir: GraphIR, original: GraphIR, target: str, lowered: Any, rep: Re
                      # whose outputs: the original module's, or the optimized graph's after a lossy
                      # pass that asked the artifact to reproduce its result (pruning)
                      "outputs_of": "optimized" if (ir.meta.get("lowering_check") or {}).get("against") == "optimized"
-                     else "original"},
+                     else "original",
+                     # examples of dtypes numpy lacks (bfloat16) are stored as their raw bits (uint16);
+                     # their real dtype, by name (see graphopt.runtime.arrays)
+                     "dtypes": raw_bit_dtypes(ir if (ir.meta.get("lowering_check") or {}).get("against") == "optimized"
+                                              else original)},
         "generation": ir.meta.get("generation"),
         "sparsity": ir.meta.get("sparsity"),  # set by prune (2:4 / unstructured masks): backends may use it
         # set by remove-padding: {"mask": input, "outputs": [...]}; those outputs are 0 where mask == 0
@@ -252,20 +323,37 @@ def _manifest(ir: GraphIR, original: GraphIR, target: str, lowered: Any, rep: Re
 
 
 def lowering_policy(backend, ir: GraphIR):
-    """How the lowered artifact is checked against the original graph: the backend's allclose, unless
-    a pass declared in ``ir.meta["lowering_check"]`` that the graph no longer computes in the
-    original precision (the precision pass: ``{"policy": "reference", "tol": ..., "multiplier": ...}``);
-    then the artifact is held to that pass's own reference policy (error vs an fp64 run of the
-    original), since an fp32 allclose cannot hold for an fp16 program."""
+    """How the lowered artifact is checked against the original graph.
+
+    - a pass declared in ``ir.meta["lowering_check"]`` that the graph no longer computes in the
+      original precision (the precision pass: ``{"policy": "reference", "tol": ..., "multiplier":
+      ...}``): the artifact is held to that pass's own reference policy (error vs an fp64 run of
+      the original), since an fp32 allclose cannot hold for an fp16 program;
+    - a graph whose float outputs or weights are fp16/bf16 (a model converted with
+      ``.to(torch.bfloat16)``): the same rule, RMS error vs fp64 <= 3 x the original's own + a floor
+      of 1/64 ulp at 1 of the dtype (fp16 rounds at ~1e-3 and bf16 at ~8e-3 relative: a fixed 1e-4
+      allclose fails any runtime that merely sums in another order, or runs a bf16 graph in fp32;
+      the floor, 1.5e-5 fp16 / 1.2e-4 bf16, only matters where the original is exact);
+    - otherwise the backend's allclose."""
     from graphopt.verify.policies import reference
 
+    def half_dtypes(ir: GraphIR) -> set[torch.dtype]:  # fp16/bf16 among the outputs and weights
+        from graphopt.ir.graph_ir import dtype_from_name
+
+        found = {dtype_from_name(s.dtype) for s in ir.outputs if s.dtype in ("float16", "bfloat16")}
+        gm = ir.graph_module
+        return found | {t.dtype for t in (*gm.parameters(), *gm.buffers()) if t.dtype in (torch.float16, torch.bfloat16)}
+
     declared = ir.meta.get("lowering_check") or {}
+    half = half_dtypes(ir)
     if declared.get("policy") == "reference":
         policy = reference(tol=float(declared.get("tol", 1e-4)), multiplier=float(declared.get("multiplier", 3.0)))
     elif declared.get("policy") == "metric":  # quantization: integer kernels may round a value to the next level
         from graphopt.verify.policies import metric
 
         policy = metric(min_cosine=float(declared.get("min_cosine", 0.999)))
+    elif half:
+        policy = reference(tol=max(torch.finfo(dt).eps for dt in half) / 64, multiplier=3.0)
     else:
         policy = allclose(rtol=backend.rtol, atol=backend.atol)
     if declared.get("padding_mask"):  # remove-padding: padded positions are zeros by design
@@ -326,9 +414,29 @@ def _probe_minimum_sizes(runner, verifier: Verifier, ir: GraphIR, manifest: dict
     """Run the lowered program at the smallest size of each dynamic dim. A program that refuses a
     size (torch.export guards such as ``batch != 1``) or gets it wrong has that dim's minimum raised
     in the manifest, so the Engine rejects such inputs with a clear message instead of failing
-    inside the runtime. Returns what was narrowed, for the report."""
+    inside the runtime. Returns what was narrowed and why (the error's type and first line, or the
+    check that failed), for the report notes.
+
+    Only a refusal of the size narrows: what runtimes raise for a shape they cannot take
+    (:class:`InputError` from graphopt's runners, torch guard and shape errors, ONNX Runtime's
+    ``InvalidArgument`` / ``Fail`` / ``RuntimeException``). Anything else (out of memory, a closed
+    or broken artifact, a bug: ``TypeError``, ``KeyError``, ...) propagates with a note saying
+    which probe it happened in, rather than quietly shrinking the artifact's range."""
+    from graphopt.errors import GraphoptError
     from graphopt.verify.policies import Evidence
     from graphopt.verify.verifier import inputs_with_sizes, run_float64
+
+    def refuses_size(e: BaseException) -> bool:
+        if isinstance(e, InputError):
+            return True
+        if isinstance(e, (GraphoptError, MemoryError, torch.OutOfMemoryError)):
+            return False  # ArtifactError, RuntimeFailure, ResourceError, host or GPU memory
+        if type(e).__module__.startswith("onnxruntime"):  # pybind exceptions derive from Exception only
+            return type(e).__name__ in ("InvalidArgument", "Fail", "RuntimeException", "NotImplemented")
+        return isinstance(e, (RuntimeError, AssertionError, ValueError, IndexError))
+
+    def why(e: BaseException) -> str:
+        return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:300]
 
     labels: dict[str, tuple[int, int]] = {}
     for spec in ir.inputs:
@@ -339,18 +447,32 @@ def _probe_minimum_sizes(runner, verifier: Verifier, ir: GraphIR, manifest: dict
     for label, (lo, hi) in labels.items():
         for size in range(lo, min(lo + 2, hi) + 1):
             inputs = inputs_with_sizes(ir, {label: size}, seed=size)
+            probe = f"while graphopt ran the lowered program at {label} = {size} (the smallest sizes it is checked at)"
             try:
                 got = [t.detach().cpu() for t in runner.run(inputs)]
-                want, got_ = _padding_view(policy, ir, [inputs], [lowering_reference(verifier, ir, inputs)], [got])
-                ok = policy.check(Evidence(ir.output_names, want, got_,
-                                           reference64=lambda inputs=inputs: _padding_view(
-                                               policy, ir, [inputs], [run_float64(verifier.original, inputs)])[0])
-                                  ).passed
-            except Exception:  # a runtime refusing the size: guards, shape checks
-                ok = False
-            if ok:
-                break
-            narrowed.append(f"{label} >= {size + 1} (the lowered program rejects {label} = {size})")
+            except Exception as e:
+                if not refuses_size(e):
+                    e.add_note(probe)
+                    raise
+                narrowed.append(f"{label} >= {size + 1} (the lowered program rejects {label} = {size}: {why(e)})")
+            else:
+                try:
+                    want = lowering_reference(verifier, ir, inputs)
+                except Exception as e:
+                    if not refuses_size(e):
+                        e.add_note(f"while graphopt ran the original graph at {label} = {size} to check the lowered program")
+                        raise
+                    narrowed.append(f"{label} >= {size + 1} (the original graph itself fails at {label} = {size}: "
+                                    f"{why(e)})")
+                else:
+                    want, got_ = _padding_view(policy, ir, [inputs], [want], [got])
+                    outcome = policy.check(Evidence(ir.output_names, want, got_,
+                                                    reference64=lambda inputs=inputs: _padding_view(
+                                                        policy, ir, [inputs], [run_float64(verifier.original, inputs)])[0]))
+                    if outcome.passed:
+                        break
+                    narrowed.append(f"{label} >= {size + 1} (the lowered program computes {label} = {size} wrong: "
+                                    f"{policy.label()}: {outcome.message})")
             for spec in manifest["inputs"]:
                 for d, rng in spec["dynamic"].items():
                     if spec["shape"][int(d)] == label and rng[0] <= size:
@@ -361,15 +483,32 @@ def _probe_minimum_sizes(runner, verifier: Verifier, ir: GraphIR, manifest: dict
 def _save_examples(d: Path, original: GraphIR, padding_mask: str | None = None) -> None:
     """Example inputs and the ORIGINAL model's outputs on them: `graphopt run DIR` replays them.
     (After a lossy pass that declared it, e.g. pruning: the optimized graph's outputs. After
-    remove-padding: with the padded positions zeroed, as the artifact computes them.)"""
-    np.savez(d / "example_inputs.npz", **{n: t.detach().cpu().numpy() for n, t in
-                                         zip(original.input_names, original.example_inputs)})
+    remove-padding: with the padded positions zeroed, as the artifact computes them.)
+
+    Tensors of dtypes numpy lacks (bfloat16) are stored as their raw bits; the manifest's
+    ``examples.dtypes`` (:func:`~graphopt.runtime.arrays.raw_bit_dtypes`) names their real dtype, and
+    ``Engine.example_inputs()`` reads them back as torch tensors of that dtype."""
+    from graphopt.errors import ArtifactError
+    from graphopt.runtime.arrays import to_storable
+
+    recorded = raw_bit_dtypes(original)
+
+    def arrays(specs: list, tensors: list) -> dict[str, np.ndarray]:
+        out = {}
+        for spec, t in zip(specs, tensors):
+            out[spec.name], raw = to_storable(t)
+            if raw != recorded.get(spec.name):  # the manifest's dtypes come from the specs: they must agree
+                raise ArtifactError(f"example {spec.name!r} is a {t.dtype} tensor but its spec says {spec.dtype}; "
+                                    "a pass left the IR's specs stale (re-derive them after rewriting)")
+        return out
+
+    np.savez(d / "example_inputs.npz", **arrays(original.inputs, original.example_inputs))
     outs = original.run()
     if padding_mask:
         from graphopt.verify.policies import zero_padding
 
         outs = zero_padding([outs], [list(original.example_inputs)], original.input_names, padding_mask)[0]
-    np.savez(d / "expected_outputs.npz", **{n: t.detach().cpu().numpy() for n, t in zip(original.output_names, outs)})
+    np.savez(d / "expected_outputs.npz", **arrays(original.outputs, outs))
 
 
 def _save_pass_files(d: Path, ir: GraphIR, manifest: dict) -> None:

@@ -78,3 +78,14 @@ class ChecksumError(ArtifactError):
 
 class InputError(GraphoptError, ValueError):
     """Inputs given to an Engine or the CLI do not match what the artifact expects."""
+
+
+class RuntimeFailure(GraphoptError, RuntimeError):
+    """A runtime could not run a valid artifact on valid inputs (out of GPU memory, an execution
+    error reported by the runtime): the message says which resource ran out and what to change
+    (a smaller batch or sequence, fewer concurrent contexts, a smaller workspace)."""
+
+
+class ResourceError(GraphoptError, MemoryError):
+    """A compile would need more memory than the machine has: refused before it starts (never
+    killed by the kernel half-way), with the estimate and the ways to need less."""

@@ -170,3 +170,61 @@ class PhaseTracker:
         return {"baseline_rss_gib": round(self.baseline_rss / GIB, 3),
                 "peak_rss_gib": round(max([self.process_peak / GIB] + [r.peak_rss_gib for r in self.records]), 3),
                 "phases": [r.to_json() for r in self.records]}
+
+
+# -- the compile's memory estimate ----------------------------------------------------------------
+#: what the compile itself needs besides the weights' extra copies: graphs, FakeTensor metadata,
+#: the exporters, ONNX Runtime's arena for one verification run (measured on 0.5B-1B decoders)
+FIXED_OVERHEAD = 1 << 30
+
+
+@dataclass
+class MemoryEstimate:
+    weight_bytes: int
+    baseline_bytes: int
+    peak_bytes: int
+    available_bytes: int | None
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return self.available_bytes is None or self.peak_bytes - self.baseline_bytes <= self.available_bytes
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items() if v)
+        avail = f"{self.available_bytes / GIB:.1f} GiB available" if self.available_bytes is not None else "unknown"
+        return (f"estimated peak {self.peak_bytes / GIB:.1f} GiB = now {self.baseline_bytes / GIB:.1f} GiB + "
+                f"{(self.peak_bytes - self.baseline_bytes) / GIB:.1f} GiB ({parts}); {avail}")
+
+
+def module_weight_bytes(module: Any) -> int:
+    """Bytes of a module's parameters and buffers, each tensor once (tied weights count once)."""
+    seen, total = set(), 0
+    tensors = list(module.parameters()) + list(module.buffers()) if hasattr(module, "parameters") else []
+    for t in tensors:
+        key = id(t)
+        try:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        except (RuntimeError, NotImplementedError):
+            pass
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def estimate_compile_memory(weight_bytes: int, passes: list[Any], *, verify: bool, target: str,
+                            baseline_bytes: int | None = None) -> MemoryEstimate:
+    """Peak resident memory of a compile, before it starts: the process now (the model is loaded),
+    plus the new weight tensors the passes make (each pass declares ``weight_memory``, the fraction
+    of the weight bytes it may add: merge-gemms' stacked Q/K/V and gate/up, precision's low-precision
+    copies, quantize's integer weights, prune's shrunk ones), plus, with verification, the lowered
+    model's weights as ONNX Runtime touches them in the compile's own check (memory-mapped pages
+    count as resident), plus a fixed overhead. Shared weights (GraphIR.copy) cost nothing."""
+    base = rss_bytes() if baseline_bytes is None else baseline_bytes
+    parts = {"passes' new weights": int(sum(float(getattr(p, "weight_memory", 0.0)) for p in passes) * weight_bytes)}
+    if verify and target in ("onnx", "tensorrt"):
+        parts["ONNX Runtime check"] = weight_bytes
+    parts["graphs and runtime"] = FIXED_OVERHEAD
+    peak = base + sum(parts.values())
+    return MemoryEstimate(weight_bytes, base, peak, available_bytes(), parts)

@@ -24,6 +24,16 @@ Why these choices:
   out", no broadcast of the query dim); the masks are adjusted (:func:`_prepare_attention_masks`).
 - Protobuf cannot serialize more than 2 GB, so weights move to ``model.onnx.data`` once the
   initializers pass :data:`EXTERNAL_DATA_THRESHOLD`; smaller models stay one file.
+- A bfloat16 graph (a model converted with ``.to(torch.bfloat16)``, or the precision pass's bf16)
+  is computed in float32 (option ``bfloat16="float32"``, the default): ONNX Runtime's CPU provider
+  has no bfloat16 kernels (``NOT_IMPLEMENTED: Could not find an implementation for MatMul(13)``).
+  The graph is upcast on a copy before export (:func:`upcast_bfloat16`): weights converted once,
+  dtype arguments of casts and factories and the graph's inputs/outputs mapped to float32. float32
+  holds every bfloat16 value exactly and rounds each op far finer, so the result is at least as
+  close to the model's exact (fp64) values; the cost is 2x the bfloat16 weights in the file and in
+  memory. The payload records ``source_dtype``/``compute_dtype``; the runner widens bf16 inputs
+  and rounds the outputs back to bf16, so callers see the model's own dtypes. ``bfloat16="keep"``
+  writes the bf16 graph as it is, for runtimes with bf16 kernels (TensorRT, ONNX Runtime CUDA).
 
 Loading reads protobuf only; nothing is unpickled.
 """
@@ -33,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -53,6 +64,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+STAGING_DIR = ".onnx-export"  # inside the artifact's temporary directory, removed after lowering
 MIN_OPSET = 18
 
 #: Initializer bytes above which weights go to an external data file. Protobuf refuses messages
@@ -142,7 +154,9 @@ class OnnxBackend(Backend):
     Options (``lower``): ``opset`` (18 up to the highest the exporter supports, 23 with torch
     2.13; default: the exporter's default, or the opset of the graph's fused ops when higher: 23
     for ``scaled_dot_product_attention`` → ``Attention``, see :func:`resolve_opset`), ``external_data`` (``"auto"``, ``True``,
-    ``False``). Options (``load``): ``providers`` (onnxruntime execution providers, in order),
+    ``False``), ``bfloat16`` (``"float32"``: compute a bf16 graph in float32, the default, since
+    ONNX Runtime's CPU provider has no bf16 kernels; ``"keep"``: write it in bf16).
+    Options (``load``): ``providers`` (onnxruntime execution providers, in order),
     ``threads`` (intra-op threads), ``spinning`` and ``disabled_optimizers`` (see
     :class:`~graphopt.runtime.onnx_runner.OnnxRuntimeRunner`).
     """
@@ -155,29 +169,47 @@ class OnnxBackend(Backend):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         opset = resolve_opset(options.get("opset"), ir)
+        bf16 = options.get("bfloat16", "float32")
+        if bf16 not in ("float32", "keep"):
+            raise BackendError(f"onnx option bfloat16={bf16!r} is not valid; use 'float32' (compute a bfloat16 "
+                               "graph in float32: ONNX Runtime's CPU provider has no bfloat16 kernels) or 'keep'")
         t0 = time.perf_counter()
-        ep = export_program(ir)
-        t1 = time.perf_counter()
-        model = to_onnx(ep, ir, opset)
-        t2 = time.perf_counter()
-        model = _cleanup(model, ir)
-        opset = _default_opset(model)
-        model.ir_version = ir_version_for(opset)
-
-        weight_bytes = _initializer_bytes(model)
+        upcast = upcast_bfloat16(ir) if bf16 == "float32" else None
+        if upcast is not None:
+            ir, added_bytes = upcast  # a copy: the compiler's IR keeps its bf16 graph and weights
         external = options.get("external_data", "auto")
         if external == "auto":
-            external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-        path = out_dir / MODEL_FILE
-        for stale in (path, out_dir / DATA_FILE):
-            stale.unlink(missing_ok=True)
-        files = [MODEL_FILE]
-        if external:
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=DATA_FILE, size_threshold=1024, convert_attribute=False)
-            if (out_dir / DATA_FILE).exists():
-                files.append(DATA_FILE)
-        else:
+            external = ir_weight_bytes(ir) > EXTERNAL_DATA_THRESHOLD
+        # Large models: the exporter streams the weights into a staging data file, tensor by tensor,
+        # and everything after it works on a protobuf that only points into that file, so the
+        # lowering adds no copy of the weights to the process (a ModelProto with the weights
+        # inside, then graphsurgeon's export of it, would add two).
+        staging = out_dir / STAGING_DIR if external else None
+        try:
+            ep = export_program(ir)
+            t1 = time.perf_counter()
+            model = to_onnx(ep, ir, opset, staging=staging)
+            del ep
+            t2 = time.perf_counter()
+            model = _cleanup(model, ir, base_dir=staging)
+            if upcast is not None:
+                _check_no_bfloat16(model)
+            opset = _default_opset(model)
+            model.ir_version = ir_version_for(opset)
+
+            weight_bytes = _initializer_bytes(model)
+            path = out_dir / MODEL_FILE
+            for stale in (path, out_dir / DATA_FILE):
+                stale.unlink(missing_ok=True)
+            files = [MODEL_FILE]
+            if external:
+                write_with_external_data(model, staging, path, DATA_FILE)
+                if (out_dir / DATA_FILE).exists():
+                    files.append(DATA_FILE)
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        if not external:
             if weight_bytes > (2 << 30) - (64 << 20):
                 raise BackendError(f"the model's weights ({weight_bytes / 2**30:.1f} GiB) do not fit in one "
                                    "protobuf file (2 GB); lower with external_data='auto' or True")
@@ -193,16 +225,27 @@ class OnnxBackend(Backend):
         notes = []
         if DATA_FILE in files:
             notes.append(f"weights ({weight_bytes / 2**30:.2f} GiB) are in {DATA_FILE}, beside {MODEL_FILE}")
-        return Lowered(
-            files=files,
-            payload={"format": "onnx", "file": MODEL_FILE, "opset": opset, "ir_version": model.ir_version,
-                     "producer": f"{model.producer_name} {model.producer_version}".strip(),
-                     "external_data": DATA_FILE if DATA_FILE in files else None},
-            notes=notes)
+        payload = {"format": "onnx", "file": MODEL_FILE, "opset": opset, "ir_version": model.ir_version,
+                   "producer": f"{model.producer_name} {model.producer_version}".strip(),
+                   "external_data": DATA_FILE if DATA_FILE in files else None}
+        if upcast is not None:
+            payload.update(source_dtype="bfloat16", compute_dtype="float32")
+            notes.append(f"bf16 graph computed in fp32 on ONNX Runtime CPU (it has no bf16 kernels): weights "
+                         f"converted once, +{added_bytes / 2**20:.1f} MiB; inputs and outputs stay bf16 for "
+                         "callers (onnx option bfloat16='keep' writes the bf16 graph instead)")
+        return Lowered(files=files, payload=payload, notes=notes)
+
+    def load_for_verification(self, artifact_dir: Path, manifest: dict[str, Any]) -> OnnxRuntimeRunner:
+        """The session of the compile's own check: ONNX Runtime memory-maps the external weights
+        (aligned by :func:`write_with_external_data`); without prepacking it keeps no second,
+        re-laid-out copy of every GEMM weight. Same kernels and numerics, lower peak memory; the
+        session is closed before the compile moves on."""
+        return self.load(artifact_dir, manifest, session_config={"session.disable_prepacking": "1"})
 
     def load(self, artifact_dir: Path, manifest: dict[str, Any], providers: list[str] | None = None,
              threads: int | None = None, spinning: bool | None = None,
-             disabled_optimizers: list[str] | None = None, **_: Any) -> OnnxRuntimeRunner:
+             disabled_optimizers: list[str] | None = None, session_config: dict[str, str] | None = None,
+             **_: Any) -> OnnxRuntimeRunner:
         from graphopt.runtime.onnx_runner import OnnxRuntimeRunner
 
         payload = _payload(manifest)
@@ -214,8 +257,118 @@ class OnnxBackend(Backend):
         if data is not None and (not isinstance(data, str) or Path(data).name != data):
             raise ArtifactError(f"manifest names external data file {data!r}; it must be a file name "
                                 "inside the artifact directory")
+        output_dtypes = None
+        if payload.get("compute_dtype") is not None and payload.get("compute_dtype") != payload.get("source_dtype"):
+            # a bf16 graph computed in fp32: hand back the outputs the model returns in bf16 as bf16
+            import torch
+
+            output_dtypes = [torch.bfloat16 if s.get("dtype") == payload.get("source_dtype") == "bfloat16" else None
+                             for s in manifest.get("outputs", [])]
         return OnnxRuntimeRunner(Path(artifact_dir) / file, providers=providers, threads=threads,
-                                 spinning=spinning, disabled_optimizers=disabled_optimizers)
+                                 spinning=spinning, disabled_optimizers=disabled_optimizers,
+                                 output_dtypes=output_dtypes, session_config=session_config)
+
+
+# -- bfloat16 → float32 ---------------------------------------------------------------------------
+def upcast_bfloat16(ir: GraphIR) -> tuple[GraphIR, int] | None:
+    """A copy of ``ir`` that computes in float32 wherever ``ir`` computes in bfloat16, and the bytes
+    its converted weights add; ``None`` when ``ir`` holds no bfloat16.
+
+    On a copy (:meth:`GraphIR.copy`; ``ir`` and its weights are left as they are):
+    every bf16 parameter, buffer and tensor constant is replaced by a float32 tensor (once per
+    tensor, so tied weights stay tied); every ``torch.bfloat16`` argument (the ``dtype`` of
+    ``_to_copy``, ``to``, ``arange``, ``full``, ``zeros``, ``ones``, ``empty``, ...) becomes
+    ``torch.float32``; bf16 example inputs and input/output specs become float32. Casts down to
+    bf16 (``x.to(bf16)`` after an fp32 norm) thereby become no-ops: the graph rounds less, never
+    more.
+
+    Raises:
+        BackendError: the graph reinterprets bf16 bits (``view(dtype)``), which float32 cannot mimic;
+            lower with ``bfloat16="keep"`` for a runtime with bf16 kernels, or use the torch target.
+    """
+    import torch
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    bitcasts = {torch.ops.aten.view.dtype, torch.ops.prims.view_of_dtype.default}
+
+    def bf16_arg(node: torch.fx.Node) -> bool:
+        found = []
+        torch.fx.node.map_aggregate((node.args, node.kwargs), lambda a: found.append(a is bf16))
+        return any(found)
+
+    def bf16_value(x: Any) -> bool:
+        return getattr(x.meta.get("val") if isinstance(x, torch.fx.Node) else x, "dtype", None) == bf16
+
+    gm = ir.graph_module
+    holds = (any(t.dtype == bf16 for t in (*gm.parameters(), *gm.buffers()))
+             or any(bf16_value(x) for x in ir.example_inputs)
+             or any(s.dtype == "bfloat16" for s in (*ir.inputs, *ir.outputs))
+             or any(bf16_arg(n) or bf16_value(n) for n in gm.graph.nodes))
+    if not holds:
+        return None
+    for node in gm.graph.nodes:
+        if node.target in bitcasts and (bf16_arg(node) or any(bf16_value(a) for a in node.all_input_nodes)):
+            raise BackendError(f"the graph reinterprets bfloat16 bits at {node.format_node()}; computing it in float32 "
+                               "would change the result. Lower with the onnx option bfloat16='keep' (for a runtime "
+                               "with bf16 kernels) or use the torch target")
+
+    low = ir.copy()  # new graph and specs; the weights converted below are replaced, never written into
+    gm32 = low.graph_module
+    converted: dict[int, torch.Tensor] = {}  # id(bf16 tensor) -> its float32 copy, made once
+    added = 0
+
+    def widened(t: torch.Tensor) -> torch.Tensor:
+        nonlocal added
+        if id(t) not in converted:
+            converted[id(t)] = t.detach().to(f32)
+            added += t.numel() * (f32.itemsize - bf16.itemsize)
+        return converted[id(t)]
+
+    for mod in gm32.modules():
+        # the module's own tables, so that non-persistent buffers stay non-persistent
+        for name, p in list(mod._parameters.items()):  # noqa: SLF001 - no public API replaces an entry in place
+            if p is not None and p.dtype == bf16:
+                mod._parameters[name] = torch.nn.Parameter(widened(p), requires_grad=False)  # noqa: SLF001
+        for name, b in list(mod._buffers.items()):  # noqa: SLF001
+            if b is not None and b.dtype == bf16:
+                mod._buffers[name] = widened(b)  # noqa: SLF001
+        for name, v in list(vars(mod).items()):  # tensor constants (get_attr targets)
+            if isinstance(v, torch.Tensor) and v.dtype == bf16:
+                setattr(mod, name, widened(v))
+    for node in gm32.graph.nodes:
+        node.args = torch.fx.node.map_aggregate(node.args, lambda a: f32 if a is bf16 else a)
+        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, lambda a: f32 if a is bf16 else a)
+        if bf16_value(node):  # stale now; torch.export derives every value's meta again
+            node.meta.pop("val", None)
+            node.meta.pop("tensor_meta", None)
+    gm32.recompile()
+
+    for spec in (*low.inputs, *low.outputs):
+        if spec.dtype == "bfloat16":
+            spec.dtype = "float32"
+    low.example_inputs = [x.to(f32) if bf16_value(x) else x for x in ir.example_inputs]
+    return low, added
+
+
+def _check_no_bfloat16(model: onnx.ModelProto) -> None:
+    """After an upcast, nothing in the ONNX graph may still be bf16 (ONNX Runtime CPU could not run
+    it): initializers, graph inputs/outputs, ``Cast`` targets and constants."""
+    import onnx
+
+    BF16 = onnx.TensorProto.BFLOAT16
+    g = model.graph
+    left = [f"initializer {t.name}" for t in g.initializer if t.data_type == BF16]
+    left += [f"graph value {v.name}" for v in (*g.input, *g.output, *g.value_info)
+             if v.type.tensor_type.elem_type == BF16]
+    for node in g.node:
+        for a in node.attribute:
+            if (a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == BF16) or (
+                    a.type == onnx.AttributeProto.TENSOR and a.t.data_type == BF16):
+                left.append(f"node {node.name} ({node.op_type}) attribute {a.name}")
+    if left:
+        raise BackendError(f"the float32 upcast of a bfloat16 graph left bfloat16 in the ONNX model ({', '.join(left[:5])}"
+                           f"{', ...' if len(left) > 5 else ''}); this is a bug in graphopt's upcast: lower with the "
+                           "onnx option bfloat16='keep' on a runtime with bf16 kernels, or use the torch target")
 
 
 # -- opset and IR version -----------------------------------------------------------------------
@@ -299,8 +452,13 @@ def ir_version_for(opset: int) -> int:
 
 
 # -- export ---------------------------------------------------------------------------------------
-def to_onnx(ep: Any, ir: GraphIR, opset: int) -> onnx.ModelProto:
-    """``torch.onnx.export`` of an ExportedProgram, quietly; symbolic dims renamed to the IR's labels."""
+def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None) -> onnx.ModelProto:
+    """``torch.onnx.export`` of an ExportedProgram, quietly; symbolic dims renamed to the IR's labels.
+
+    With ``staging`` (a directory), the program is saved there as ``export.onnx`` with its weights
+    in ``export.onnx.data`` (written tensor by tensor from the torch tensors), and the returned
+    ModelProto is read back without them: its initializers point into that file."""
+    import onnx
     import torch
 
     stdout = io.StringIO()
@@ -338,11 +496,102 @@ def to_onnx(ep: Any, ir: GraphIR, opset: int) -> onnx.ModelProto:
                 rename[name] = dim_label(spec.name, d, spec.shape[d])
     if rename:
         program.rename_axes(rename)
-    return program.model_proto
+    if staging is None:
+        return program.model_proto
+    staging.mkdir(parents=True, exist_ok=True)
+    program.save(str(staging / "export.onnx"), external_data=True)
+    del program
+    return onnx.load(str(staging / "export.onnx"), load_external_data=False)
 
 
-def _cleanup(model: onnx.ModelProto, ir: GraphIR) -> onnx.ModelProto:
-    """Name graph inputs/outputs as in the IR, then ``cleanup().toposort()`` with graphsurgeon."""
+def ir_weight_bytes(ir: GraphIR) -> int:
+    """Bytes of the tensors (parameters, buffers, constants) the graph module holds, each once."""
+    from graphopt.ir.graph_ir import shared_tensors
+
+    seen, total = set(), 0
+    for t in shared_tensors(ir.graph_module).values():
+        try:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        except (RuntimeError, NotImplementedError):  # meta/fake tensors have no storage
+            key = id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def write_with_external_data(model: onnx.ModelProto, src_dir: Path | None, path: Path, data_name: str,
+                             *, threshold: int = 1024, align: int = 4096) -> int:
+    """Save ``model`` to ``path`` with every initializer of ``threshold`` bytes or more in
+    ``data_name`` beside it, streaming: tensors that already point into an external file (under
+    ``src_dir``) are copied range by range, tensors held in the protobuf are written out and
+    emptied. Offsets are aligned to ``align`` bytes (ONNX Runtime memory-maps aligned external
+    initializers instead of copying them). Unreferenced bytes of the source file are left behind.
+    Returns the bytes written."""
+    import onnx
+
+    def set_external_data(tensor, location: str, offset: int, length: int) -> None:
+        del tensor.external_data[:]
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            tensor.external_data.add(key=key, value=value)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+
+    data_path = path.parent / data_name
+    written = 0
+    with open(data_path, "wb") as out:
+        for tensor in _all_tensors(model):
+            ext = {e.key: e.value for e in tensor.external_data}
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                if src_dir is None:
+                    raise BackendError(f"initializer {tensor.name} points to external data but no source folder was given")
+                src = Path(src_dir) / ext["location"]
+                offset, length = int(ext.get("offset", 0)), int(ext.get("length", src.stat().st_size))
+                pad = (-written) % align
+                out.write(b"\0" * pad)
+                written += pad
+                with open(src, "rb") as f:
+                    f.seek(offset)
+                    left = length
+                    while left:
+                        chunk = f.read(min(left, 64 << 20))
+                        if not chunk:
+                            raise BackendError(f"external data of {tensor.name} ends early in {src}")
+                        out.write(chunk)
+                        left -= len(chunk)
+                set_external_data(tensor, data_name, offset=written, length=length)
+                written += length
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
+                pad = (-written) % align
+                out.write(b"\0" * pad)
+                written += pad
+                raw = tensor.raw_data
+                out.write(raw)
+                tensor.ClearField("raw_data")
+                set_external_data(tensor, data_name, offset=written, length=len(raw))
+                written += len(raw)
+    onnx.save_model(model, str(path))
+    if written == 0:
+        data_path.unlink(missing_ok=True)
+    return written
+
+
+def _all_tensors(model: onnx.ModelProto):
+    """Initializers of the graph and its subgraphs (weights live there after torch.onnx)."""
+    stack = [model.graph]
+    while stack:
+        g = stack.pop()
+        yield from g.initializer
+        for node in g.node:
+            for a in node.attribute:
+                if a.g is not None and a.HasField("g"):
+                    stack.append(a.g)
+                stack.extend(a.graphs)
+
+
+def _cleanup(model: onnx.ModelProto, ir: GraphIR, base_dir: Path | None = None) -> onnx.ModelProto:
+    """Name graph inputs/outputs as in the IR, then ``cleanup().toposort()`` with graphsurgeon.
+    Initializers that point into an external data file (under ``base_dir``) stay pointers:
+    graphsurgeon exports them untouched."""
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(model)
@@ -351,7 +600,7 @@ def _cleanup(model: onnx.ModelProto, ir: GraphIR) -> onnx.ModelProto:
     _prepare_attention_masks(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
-    _pack_int4_block_weights(out)
+    _pack_int4_block_weights(out, base_dir)
     out.producer_name, out.producer_version = model.producer_name, model.producer_version
     out.doc_string = model.doc_string
     for prop in model.metadata_props:
@@ -359,7 +608,7 @@ def _cleanup(model: onnx.ModelProto, ir: GraphIR) -> onnx.ModelProto:
     return out
 
 
-def _pack_int4_block_weights(model: onnx.ModelProto) -> int:
+def _pack_int4_block_weights(model: onnx.ModelProto, base_dir: Path | None = None) -> int:
     """Store the weights of block-wise ``DequantizeLinear`` nodes as INT4 when their values fit.
 
     The torch graph carries int4 weights in int8 tensors (torch has no int4 dtype). Kept as INT8,
@@ -394,11 +643,12 @@ def _pack_int4_block_weights(model: onnx.ModelProto) -> int:
             continue
         if not all(blocked_dq(n) and n.input[0] == name for n in users[name]):
             continue
-        values = numpy_helper.to_array(tensor)
+        values = numpy_helper.to_array(tensor, base_dir=str(base_dir) if base_dir is not None else "")
         if values.size == 0 or values.min() < -8 or values.max() > 7:
             continue
         packed = numpy_helper.from_array(values.astype(ml_dtypes.int4), name)
-        graph.initializer[idx].CopyFrom(packed)
+        del values
+        graph.initializer[idx].CopyFrom(packed)  # embedded now (half the int8 bytes); saved externally later
         done += 1
     if done:
         log.debug("onnx lowering: stored %d block-quantized weight(s) as INT4", done)

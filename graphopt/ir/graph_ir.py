@@ -191,12 +191,13 @@ class GraphIR:
         self.graph_module.recompile()
         return self
 
-    def propagate_shapes(self) -> GraphIR:
+    def propagate_shapes(self, dirty: set | None = None) -> GraphIR:
         """Re-derive ``node.meta["val"]`` for every node (FakeTensor propagation, symbolic where the
-        placeholders are symbolic). Falls back to a concrete run on the example inputs."""
+        placeholders are symbolic), or only for the ``dirty`` nodes (ids of the nodes a pass made or
+        changed) and what their new shapes reach. Falls back to a concrete run on the example inputs."""
         from graphopt.ir.shapes import propagate_shapes
 
-        propagate_shapes(self)
+        propagate_shapes(self, dirty)
         return self
 
     def nx(self) -> nx.DiGraph:

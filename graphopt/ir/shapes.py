@@ -21,7 +21,49 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def propagate_shapes(ir: GraphIR) -> None:
+class _IncrementalFakeTensorProp(FakeTensorProp):
+    """FakeTensorProp that keeps the ``val`` of nodes a pass did not touch.
+
+    Symbolic propagation costs a few milliseconds per node (sympy reasoning on every dynamic size);
+    on a 24-layer model that is tens of seconds after every pass. A node is recomputed when it has
+    no ``val``, when the pass touched it (``dirty``: new nodes, changed target/args), or when one of
+    its inputs was recomputed to a different shape, dtype or stride."""
+
+    def __init__(self, module, mode, dirty: set[int]):
+        super().__init__(module, mode=mode)
+        self.dirty = dirty
+        self.changed: set[str] = set()
+        self.recomputed = 0
+
+    def run_node(self, n):
+        old = n.meta.get("val")
+        # get_attr: a pass may have put a tensor of another shape/dtype behind the same name (prune,
+        # precision); re-reading it is cheap
+        stale = (id(n) in self.dirty or not isinstance(old, torch.Tensor) or n.op in ("output", "get_attr")
+                 or any(a.name in self.changed for a in n.all_input_nodes))
+        if not stale and getattr(old, "fake_mode", None) is self._mode:
+            return old
+        self.recomputed += 1
+        out = super().run_node(n)
+        new = n.meta.get("val")
+        if not _same_meta(old, new):
+            self.changed.add(n.name)
+        return out
+
+
+def _same_meta(a, b) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return a is b
+    try:
+        return (a.dtype == b.dtype and a.device == b.device and [str(s) for s in a.shape] == [str(s) for s in b.shape]
+                and [str(s) for s in a.stride()] == [str(s) for s in b.stride()])
+    except Exception:  # noqa: BLE001 - sparse/opaque tensors: treat as changed
+        return False
+
+
+def propagate_shapes(ir: GraphIR, dirty: set | None = None) -> None:
+    """Refresh ``node.meta["val"]``. ``dirty``: the nodes a pass created or changed (by ``id``);
+    when given, only they and what their new shapes reach are recomputed."""
     placeholders = ir.placeholders()
     vals = [p.meta.get("val") for p in placeholders]
     fake_mode = next((getattr(v, "fake_mode", None) for v in vals if getattr(v, "fake_mode", None)), None)
@@ -31,7 +73,12 @@ def propagate_shapes(ir: GraphIR) -> None:
             prev = fake_mode.allow_non_fake_inputs
             fake_mode.allow_non_fake_inputs = True
             try:
-                FakeTensorProp(ir.graph_module, mode=fake_mode).propagate_dont_convert_inputs(*vals)
+                if dirty is None:
+                    FakeTensorProp(ir.graph_module, mode=fake_mode).propagate_dont_convert_inputs(*vals)
+                else:
+                    prop = _IncrementalFakeTensorProp(ir.graph_module, fake_mode, set(dirty))
+                    prop.propagate_dont_convert_inputs(*vals)
+                    log.debug("shape propagation: %d of %d nodes recomputed", prop.recomputed, len(ir.graph.nodes))
             finally:
                 fake_mode.allow_non_fake_inputs = prev
             return

@@ -109,6 +109,13 @@ class Pass:
     runs_before: ClassVar[tuple[str, ...]] = ()
     fixpoint: ClassVar[bool] = False
     max_iterations: ClassVar[int] = 8
+    #: passes this one needs earlier in the pipeline (any one of them); when none is there,
+    #: the pipeline resolver inserts the first right before this pass and says so in the report
+    #: (kv-cache: ``("fuse-attention",)``, which makes attention canonical)
+    requires_passes: ClassVar[tuple[str, ...]] = ()
+    #: at most this fraction of the model's weight bytes the pass adds in new tensors (the
+    #: compile's up-front memory estimate, graphopt.memory.estimate_compile_memory)
+    weight_memory: ClassVar[float] = 0.0
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
@@ -121,6 +128,16 @@ class Pass:
     @classmethod
     def from_options(cls, raw: dict[str, Any]) -> Pass:
         return cls(parse_options(cls, raw))
+
+    def capture_requirements(self, inputs: dict[str, Any], declared: dict[str, dict[int, tuple[int, int]]],
+                             module: Any = None) -> dict[str, dict[int, tuple[int, int]]]:
+        """Dynamic dims this pass needs from capture, ``{input: {dim: (min, max)}}``, given the
+        example inputs by name, the ranges the user ``declared`` and the module (for its config).
+
+        ``compile`` adds them where the user declared nothing (declared ranges win; a declared
+        range the pass cannot work with is an :class:`~graphopt.errors.InputError`) and widens
+        example dims of size 1, which torch.export would otherwise make static. Default: none."""
+        return {}
 
     def requires(self, ir: GraphIR) -> None:
         """Raise :class:`graphopt.PassError` if ``ir`` is not something this pass can run on."""
@@ -158,9 +175,13 @@ def option_fields(pass_cls: type[Pass]) -> list[dataclasses.Field]:
 
 
 def describe_options(pass_cls: type[Pass]) -> list[str]:
-    """``["k: int = 3", ...]`` for ``graphopt passes``."""
+    """``["k: int = 3", ...]`` for ``graphopt passes``. An option whose type hint does not resolve
+    is listed with its annotation as written and ``(unresolved type)``; parsing it raises."""
     out = []
-    hints = _hints(pass_cls.Options)
+    try:
+        hints = _hints(pass_cls)
+    except PassOptionError:
+        hints = {f.name: f"{f.type} (unresolved type)" for f in option_fields(pass_cls)}
     for f in option_fields(pass_cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
@@ -168,11 +189,31 @@ def describe_options(pass_cls: type[Pass]) -> list[str]:
     return out
 
 
-def _hints(opts: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(opts)
-    except Exception:
+def _hints(pass_cls: type[Pass]) -> dict[str, Any]:
+    """The resolved type of every option. Annotations are strings under ``from __future__ import
+    annotations``; they resolve in the Options' module, then in the pass class's own namespace (a
+    type defined in the class body). One that still does not resolve (a name imported only under
+    ``TYPE_CHECKING``, a class local to a function) raises: converting values with an unknown type
+    would hand the pass raw strings."""
+    opts = pass_cls.Options
+    if not dataclasses.is_dataclass(opts):
         return {}
+    localns = {**vars(pass_cls), pass_cls.__name__: pass_cls}
+    try:
+        return typing.get_type_hints(opts, localns=localns)
+    except Exception:  # NameError, AttributeError, SyntaxError, TypeError from a bad annotation
+        pass
+    for f in dataclasses.fields(opts):  # find the option at fault and say why
+        try:
+            typing.get_type_hints(type("_One", (), {"__annotations__": {f.name: f.type},
+                                                    "__module__": opts.__module__}), localns=localns)
+        except Exception as e:
+            raise PassOptionError(
+                f"pass {pass_cls.name!r}: the type of option {f.name!r} ({f.type!r}) cannot be resolved "
+                f"({type(e).__name__}: {e}); import that type at module level in {opts.__module__} "
+                "(not only under TYPE_CHECKING) or write a builtin type (int, float, str, bool, Literal[...])"
+            ) from None
+    raise PassOptionError(f"pass {pass_cls.name!r}: the type hints of its Options cannot be resolved")
 
 
 def _type_name(t: Any) -> str:
@@ -183,7 +224,7 @@ def parse_options(pass_cls: type[Pass], raw: dict[str, Any]) -> Any:
     """Build ``pass_cls.Options`` from pipeline-text strings (or TOML values), converting each
     value to the field's declared type. Unknown names and bad values raise PassOptionError."""
     fields = {f.name: f for f in option_fields(pass_cls)}
-    hints = _hints(pass_cls.Options)
+    hints = _hints(pass_cls)
     unknown = [k for k in raw if k not in fields]
     if unknown:
         valid = ", ".join(describe_options(pass_cls)) or "none"

@@ -32,14 +32,15 @@ def _snapshot(ir: GraphIR) -> dict[int, tuple[Any, str]]:
     return {id(n): (n.target, repr(n.args) + repr(n.kwargs)) for n in ir.graph.nodes}
 
 
-def _stamp(ir: GraphIR, before: dict[int, tuple[Any, str]], name: str) -> int:
-    touched = 0
+def _stamp(ir: GraphIR, before: dict[int, tuple[Any, str]], name: str) -> set[int]:
+    """Stamp the nodes the pass created or changed with its name; returns their ids."""
+    touched = set()
     for n in ir.graph.nodes:
         old = before.get(id(n))
         if old is None or old != (n.target, repr(n.args) + repr(n.kwargs)):
             if n.op not in ("placeholder", "output"):
                 n.meta[PROVENANCE] = name
-                touched += 1
+            touched.add(id(n))
     return touched
 
 
@@ -95,6 +96,8 @@ class PassManager:
         stats: dict[str, Any] = {}
         changed_any = False
         iterations = 0
+        touched: set[int] = set()
+        replaced, gm = False, ir.graph_module
         t0 = time.perf_counter()
         while True:
             iterations += 1
@@ -103,9 +106,10 @@ class PassManager:
             if not isinstance(result, PassResult):
                 raise PassError(f"pass {p.name!r} returned {type(result).__name__}; "
                                 "run() must return graphopt.PassResult(ir, changed, stats)")
+            replaced = replaced or result.ir is not ir or result.ir.graph_module is not gm
             ir = result.ir
             if result.changed:
-                _stamp(ir, before, p.name)
+                touched |= _stamp(ir, before, p.name)
             _merge_stats(stats, result.stats)
             changed_any |= result.changed
             if not (p.fixpoint and result.changed) or iterations >= p.max_iterations:
@@ -117,7 +121,10 @@ class PassManager:
         except Exception as e:
             raise PassError(f"pass {p.name!r} left an invalid graph: {e}") from e
         if changed_any:
-            ir.propagate_shapes()
+            # only what the pass touched (a pass that replaced the graph module or its placeholders
+            # gets a full propagation)
+            incremental = not replaced and not getattr(p, "changes_signature", False)
+            ir.propagate_shapes(touched if incremental else None)
         p.ensures(ir)
         log.debug("pass %s: changed=%s in %.3fs", p.name, changed_any, time.perf_counter() - t0)
         return PassResult(ir, changed_any, stats)

@@ -13,6 +13,13 @@ generation state bound to it) is created by each ``Engine.generate`` call for it
 (``runtime/generation.py``), never stored on the runner. ``close()`` only drops the reference: calls
 already running keep their session alive; later calls get an ArtifactError.
 
+bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels (no bf16 ``MatMul``), and numpy
+has no bfloat16 for its Python API either, so the onnx target computes a bfloat16 graph in float32
+(:mod:`graphopt.backends.onnx`). The runner keeps the model's own interface on top of that: bfloat16
+inputs (torch tensors, or ``ml_dtypes`` arrays) are widened to the float32 the session takes
+(exact), and the outputs the model returns in bfloat16 are rounded back to bfloat16
+(``output_dtypes``), as the model itself rounds them.
+
 Loading reads protobuf (and raw external-data bytes) only; nothing is unpickled.
 """
 
@@ -28,6 +35,7 @@ import torch
 
 from graphopt.backends.base import Runner
 from graphopt.errors import ArtifactError, InputError
+from graphopt.runtime.arrays import RAW_BITS, as_tensor, is_ml_dtypes_array
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +80,17 @@ class OnnxRuntimeRunner(Runner):
             calls for other work in the process, e.g. torch, or a benchmark's other systems).
         disabled_optimizers: ONNX Runtime graph optimizers to leave out (default: none on GPU
             providers, :data:`CPU_DISABLED_OPTIMIZERS` when the CPU provider comes first).
+        session_config: extra ``SessionOptions`` config entries (``{"session.disable_prepacking": "1"}``).
+        output_dtypes: per output, the torch dtype to return it in when the session computes it in
+            another one (``torch.bfloat16`` for the outputs of a bfloat16 graph computed in float32);
+            ``None`` entries (and the default) return what the session gives.
     """
 
     def __init__(self, model_path: str | Path, *, providers: Sequence[str] | None = None,
                  threads: int | None = None, spinning: bool | None = None,
-                 disabled_optimizers: Sequence[str] | None = None):
+                 disabled_optimizers: Sequence[str] | None = None,
+                 output_dtypes: Sequence[torch.dtype | None] | None = None,
+                 session_config: dict[str, str] | None = None):
         import onnxruntime as ort
 
         self.model_path = Path(model_path)
@@ -97,6 +111,8 @@ class OnnxRuntimeRunner(Runner):
             opts.intra_op_num_threads = int(threads)
         if spinning is not None:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        for key, value in (session_config or {}).items():  # e.g. session.disable_prepacking
+            opts.add_session_config_entry(str(key), str(value))
         opts.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
         if disabled_optimizers is None:
             disabled_optimizers = CPU_DISABLED_OPTIMIZERS if wanted[0] == CPU_PROVIDER else ()
@@ -113,7 +129,12 @@ class OnnxRuntimeRunner(Runner):
                 f"{type(e).__name__}: {_first_line(str(e))}. The file is damaged or was built for a newer "
                 "onnxruntime (IR version / opset); compile it again with this environment") from e
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_types = [i.type for i in self.session.get_inputs()]  # "tensor(float)", ...
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_dtypes = list(output_dtypes) if output_dtypes is not None else [None] * len(self.output_names)
+        if len(self.output_dtypes) != len(self.output_names):
+            raise ArtifactError(f"{self.model_path} has {len(self.output_names)} outputs but the manifest lists "
+                                f"{len(self.output_dtypes)}; the artifact directory is inconsistent: compile it again")
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers and self.providers[0] == CUDA_PROVIDER else "cpu"
 
@@ -126,15 +147,38 @@ class OnnxRuntimeRunner(Runner):
         session = self.session  # one read: close() from another thread cannot pull it away mid-call
         if session is None:
             raise ArtifactError(f"{self!r} was closed; load the artifact again to run it")
-        feed = {name: _to_numpy(name, x) for name, x in zip(self.input_names, inputs)}
+        feed = {name: self.feed_array(i, x) for i, (name, x) in enumerate(zip(self.input_names, inputs))}
         try:
             outs = session.run(self.output_names, feed)
         except Exception as e:
             if type(e).__name__ == "InvalidArgument":  # wrong dtype, rank or static size
                 raise InputError(f"onnxruntime rejected the inputs: {_first_line(str(e))}") from e
             raise
-        return [torch.from_numpy(np.ascontiguousarray(o)) if isinstance(o, np.ndarray) else torch.as_tensor(o)
-                for o in outs]
+        out = [torch.from_numpy(np.ascontiguousarray(o)) if isinstance(o, np.ndarray) else torch.as_tensor(o)
+               for o in outs]
+        return [t if dt is None or t.dtype == dt else t.to(dt) for t, dt in zip(out, self.output_dtypes)]
+
+    def feed_array(self, index: int, x: Any) -> np.ndarray:
+        """Input ``index`` (a torch tensor or numpy array) as the numpy array the session takes.
+
+        A bfloat16 value (torch, or an ``ml_dtypes`` array) for a float32 session input is widened
+        to float32, which holds every bfloat16 value exactly; other dtypes pass as they are (the
+        Engine has already cast them to the artifact's dtypes)."""
+        name, onnx_type = self.input_names[index], self.input_types[index]
+        if is_ml_dtypes_array(x):
+            x = as_tensor(x)
+        if isinstance(x, np.ndarray):
+            return x
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"input {name!r} is a {type(x).__name__}; pass a torch tensor or a numpy array")
+        x = x.detach()
+        if x.dtype in RAW_BITS:
+            if onnx_type != "tensor(float)":
+                raise InputError(f"input {name!r} is {x.dtype}, which ONNX Runtime's Python API cannot take (this "
+                                 f"model's input is {onnx_type}); compile with --target onnx, which computes a "
+                                 "bfloat16 graph in float32, or use the torch target")
+            x = x.float()
+        return x.cpu().contiguous().numpy()
 
     def close(self) -> None:
         # Dropping the session frees its memory (and the mapped external-data file).
@@ -142,17 +186,6 @@ class OnnxRuntimeRunner(Runner):
 
     def __repr__(self) -> str:
         return f"OnnxRuntimeRunner({self.model_path.name}, providers={self.providers})"
-
-
-def _to_numpy(name: str, x: Any) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    if isinstance(x, torch.Tensor):
-        if x.dtype == torch.bfloat16:
-            raise InputError(f"input {name!r} is bfloat16, which numpy cannot hold; pass it as float32 "
-                             "or use the tensorrt/torch target")
-        return x.detach().cpu().contiguous().numpy()
-    raise InputError(f"input {name!r} is a {type(x).__name__}; pass a torch tensor or a numpy array")
 
 
 def _first_line(text: str) -> str:

@@ -26,7 +26,10 @@ bytes of its constant inputs is left alone unless it is under 64 KiB, so broadca
 (``expand``, ``full``) stay lazy, and so does the dequantization of a large int8 weight (folding it
 would undo the compression weight-only quantization is for), while the Llama mask and rotary tables
 fold. Equal folded values share one buffer. Values are computed by the same ATen kernels the graph
-would run, and stored with the same strides, so outputs stay bit-identical.
+would run, and stored with the same strides, so outputs are normally bit-identical (the report then
+says so). Verification is the fp64 rule (``reference()``) all the same: a folded buffer is a new
+allocation that the next kernel may read along another code path, and the pass is checked against
+the original, which an earlier pass (remove-noops) may already differ from in the last bits.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import torch.fx
 from graphopt.ir.graph_ir import GraphIR, op_name
 from graphopt.ir.nodes import packet
 from graphopt.passes.base import Pass, PassContext, PassResult
-from graphopt.verify.policies import exact
+from graphopt.verify.policies import reference
 
 from .remove_noops import ASSERT_OPS, OpOverload
 
@@ -134,7 +137,8 @@ class FoldConstants(Pass):
     """Evaluate nodes that depend only on parameters and constants once; store them as buffers."""
 
     name = "fold-constants"
-    verification = exact()
+    weight_memory = 0.1  # folded constants (transposed weights, tables)
+    verification = reference()
 
     def run(self, ir: GraphIR, ctx: PassContext) -> PassResult:
         gm, graph = ir.graph_module, ir.graph

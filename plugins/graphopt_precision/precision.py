@@ -118,6 +118,7 @@ class Precision(Pass):
     """Cast the graph to fp16/bf16 with fp32 islands for norms, softmax and reductions."""
 
     name = "precision"
+    weight_memory = 0.5  # the low-precision copy of every weight
     Options = Options
     verification = reference(tol=1e-2, multiplier=MULTIPLIER)  # replaced per run: tol from the outputs' RMS
 

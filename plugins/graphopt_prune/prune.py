@@ -58,6 +58,7 @@ class Prune(Pass):
     """Prune weights (magnitude or Wanda): structured heads/channels, 2:4, or unstructured."""
 
     name = "prune"
+    weight_memory = 1.0  # the shrunk or masked copies of the pruned weights
     verification = PruneQuality(min_mean_cosine=0.3)
 
     @dataclasses.dataclass

@@ -45,6 +45,7 @@ class Quantize(graphopt.Pass):
     """Quantize linears: w8a8 | smoothquant | fp8 (Q/DQ) | int8-weight | int4-weight, accuracy-guarded."""
 
     name = "quantize"
+    weight_memory = 0.35  # integer weights and their scales (int8: 1/4, int4 stored in int8)
     runs_after = ("calibrate",)
     verification = graphopt.verify.metric(min_cosine=0.9)  # per instance: verify_cosine
 
