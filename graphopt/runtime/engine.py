@@ -23,9 +23,11 @@ from graphopt.artifact import read_manifest, verify_checksums
 from graphopt.errors import ArtifactError, InputError, UnknownBackendError
 from graphopt.ir.graph_ir import TensorSpec, dtype_from_name
 from graphopt.ir.structure import unflatten
+from graphopt.runtime.arrays import ML_DTYPES, from_stored
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
-              "int32": np.int32, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+              "int32": np.int32, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
+              **ML_DTYPES}  # bfloat16 as ml_dtypes' numpy dtype (numpy has none); runners read it bit for bit
 
 
 class Engine:
@@ -112,11 +114,16 @@ class Engine:
         return unflatten(self.manifest["out_structure"], list(outs))
 
     # -- examples ------------------------------------------------------------------------
-    def example_inputs(self) -> dict[str, np.ndarray]:
-        return _read_npz(self.path / self.manifest.get("examples", {}).get("inputs", "example_inputs.npz"))
+    def example_inputs(self) -> dict[str, np.ndarray | torch.Tensor]:
+        """The stored example inputs by name: numpy arrays, or torch tensors for dtypes numpy lacks
+        (bfloat16), read back from their raw bits (``manifest["examples"]["dtypes"]``)."""
+        ex = self.manifest.get("examples") or {}
+        return _read_npz(self.path / ex.get("inputs", "example_inputs.npz"), ex.get("dtypes"))
 
-    def expected_outputs(self) -> dict[str, np.ndarray]:
-        return _read_npz(self.path / self.manifest.get("examples", {}).get("outputs", "expected_outputs.npz"))
+    def expected_outputs(self) -> dict[str, np.ndarray | torch.Tensor]:
+        """The original module's outputs on :meth:`example_inputs`, typed the same way."""
+        ex = self.manifest.get("examples") or {}
+        return _read_npz(self.path / ex.get("outputs", "expected_outputs.npz"), ex.get("dtypes"))
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
@@ -184,11 +191,14 @@ def _cast(spec: TensorSpec, value: Any, is_float: bool, want: Any) -> Any:
     return value.to(want) if isinstance(value, torch.Tensor) else value.astype(want)
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _read_npz(path: Path, dtypes: dict[str, str] | None = None) -> dict[str, np.ndarray | torch.Tensor]:
+    """Named arrays of an artifact's ``.npz`` (never unpickled); those named in ``dtypes`` hold raw
+    bits and come back as torch tensors of that dtype (see :mod:`graphopt.runtime.arrays`)."""
     if not path.is_file():
         raise ArtifactError(f"{path} is missing from the artifact")
+    dtypes = dtypes or {}
     with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+        return {k: from_stored(k, z[k], dtypes.get(k)) for k in z.files}
 
 
 def load(path: str | Path, **options: Any) -> Engine:

@@ -48,6 +48,7 @@ import torch
 
 from graphopt.backends.base import Runner
 from graphopt.errors import ArtifactError, InputError
+from graphopt.runtime.arrays import as_tensor
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def mutated_state(ep: torch.export.ExportedProgram) -> list[str]:
 
 def _to_tensor(i: int, x: Any, device: torch.device) -> torch.Tensor:
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        x = as_tensor(x)  # ml_dtypes bfloat16 arrays bit for bit (numpy has no bfloat16 of its own)
     if not isinstance(x, torch.Tensor):
         raise InputError(f"input {i} is a {type(x).__name__}; pass a torch tensor or a numpy array")
     return x.to(device)
