@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -124,6 +125,8 @@ def markdown(r: CaseResult) -> str:
         parts += [rates_line(r), ""]
     if r.kind == "latency":
         parts += _latency_md(r)
+    elif r.kind == "scale":
+        parts += _scale_md(r)
     else:
         parts += _compile_md(r)
     if r.notes:
@@ -228,6 +231,108 @@ def _pct(d: dict[str, float]) -> str:
     return f"{d['median'] * 100:.0f}% [{d['p10'] * 100:.0f}, {d['p90'] * 100:.0f}]"
 
 
+def _gib(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f} GiB"
+
+
+def _bytes(v: int | None) -> str:
+    if not v:
+        return "-"
+    return f"{v / 2**30:.2f} GiB" if v >= 2**30 else f"{v / 2**20:.1f} MiB"
+
+
+def _models(r: CaseResult) -> list[str]:
+    seen: list[str] = []
+    for row in r.rows:
+        if row["model"] not in seen:
+            seen.append(row["model"])
+    return seen
+
+
+def _scale_md(r: CaseResult) -> list[str]:
+    """The scale case: per model, one table of processes (time, peak RSS, artifact), the phases of
+    graphopt's compiles, then the decode groups as latency tables (vs HF generate, × floor)."""
+    out: list[str] = []
+    for model in _models(r):
+        rows = [row for row in r.rows if row["model"] == model]
+        params = (r.settings.get("parameters") or {}).get(model)
+        ck_bytes = (r.settings.get("checkpoint_bytes") or {}).get(model)
+        title = (r.settings.get("models") or {}).get(model, model)
+        out += [f"## {model}: {title}" + (f", {params / 1e6:.1f}M parameters, checkpoint {_bytes(ck_bytes)}"
+                                         if params else ""), ""]
+        table = []
+        for row in rows:
+            peak = row.get("peak_rss_gib")
+            ratio = f"{peak * 2**30 / ck_bytes:.2f}×" if peak and ck_bytes else "-"
+            extra = []
+            if row.get("verified") is not None:
+                extra.append(f"verified: {fmt_value(row['verified'])}")
+            if row.get("reported_peak_rss_gib") is not None:
+                extra.append(f"report.json peak {row['reported_peak_rss_gib']:.2f} GiB")
+            for k in ("load_s", "export_s", "onnx_s"):
+                if row.get(k) is not None:
+                    extra.append(f"{k.removesuffix('_s')} {row[k]:.1f}s")
+            if row.get("note"):
+                extra.append(row["note"])
+            table.append([row["system"], row["stage"], row["status"],
+                          f"{row['time_s']:.1f} s" if row.get("time_s") is not None else "-", _gib(peak), ratio,
+                          _bytes(row.get("artifact_bytes")), "; ".join(extra)])
+        out += [_table(["system", "stage", "status", "time", "peak RSS", "peak ÷ checkpoint", "output size",
+                        "details"], table), ""]
+        for row in rows:
+            phases = [ph for ph in row.get("phases") or [] if ph.get("phase")]
+            if not phases or row["status"] != "ok":
+                continue
+            out += [f"Phases of `{row['system']}` (report.json):", ""]
+            out += [_table(["phase", "time", "RSS after", "peak RSS"],
+                           [[ph["phase"], f"{ph['time_s']:.2f} s" if ph.get("time_s") is not None else "-",
+                             _gib(ph.get("rss_gib")), _gib(ph.get("peak_rss_gib"))] for ph in phases]), ""]
+        groups = [g for g in _groups(r) if g.startswith(f"{model} · ")]
+        if groups:
+            out += _latency_md(dataclasses.replace(r, systems=[s for s in r.systems if s.group in groups]))
+    out += ["Every system runs in its own process; peak RSS is that process's (its VmRSS/VmHWM sampled every "
+            "0.1 s), file-backed weight pages included. A failed process keeps its peak.", ""]
+    return out
+
+
+def _scale_chart(r: CaseResult, plt: Any) -> Any:
+    models = _models(r)
+    fig, axes = plt.subplots(max(1, len(models)), 3, figsize=(15, 3.2 * max(1, len(models)) + 0.8), squeeze=False)
+    fig.suptitle(r.title, fontsize=12)
+    for mi, model in enumerate(models):
+        rows = [row for row in r.rows if row["model"] == model and row.get("peak_rss_gib") is not None]
+        names = [row["system"][:48] for row in rows][::-1]
+        colors = [KIND_COLORS.get(row["kind"], "#4c72b0") if row["status"] == "ok" else "#c44e52"
+                  for row in rows][::-1]
+        ax = axes[mi][0]
+        ax.barh(names, [row["peak_rss_gib"] for row in rows][::-1], color=colors)
+        ck = (r.settings.get("checkpoint_bytes") or {}).get(model)
+        if ck:
+            ax.axvline(ck / 2**30, color="black", lw=0.8, ls="--")
+        ax.set_xlabel("peak RSS (GiB; dashed: checkpoint size; red: failed)")
+        ax.set_title(model, loc="left", fontsize=10)
+        ax = axes[mi][1]
+        ax.barh(names, [row.get("time_s") or 0 for row in rows][::-1], color=colors)
+        ax.set_yticklabels([])
+        ax.set_xlabel("wall time (s)")
+        ax = axes[mi][2]
+        systems = [s for s in r.systems if s.group.startswith(f"{model} · ") and s.throughput]
+        if systems:
+            labels = [f"{s.name[:40]} [{s.group.split(' · ')[-1]}]" for s in systems][::-1]
+            ax.barh(labels, [s.throughput["median"] for s in systems][::-1],
+                    color=[KIND_COLORS.get(s.kind, "#4c72b0") for s in systems][::-1])
+            for g in {s.group for s in systems}:
+                fl = r.floors.get(g) or {}
+                if fl.get("tokens_per_s"):
+                    ax.axvline(fl["tokens_per_s"], color="black", lw=0.8, ls=":")
+            ax.set_xlabel("decode tokens/s (dotted: memory floors)")
+            ax.tick_params(axis="y", labelsize=7)
+        else:
+            ax.axis("off")
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    return fig
+
+
 PHASES_LABEL_KEYS = ["capture", "passes", "verification", "lowering", "lowering_verification", "writing"]
 PHASES_LABELS = ["capture", "passes", "verification", "lowering", "lowering verification*", "writing"]
 
@@ -242,6 +347,8 @@ def chart(r: CaseResult, path: Path) -> None:
 
     if r.kind == "latency":
         fig = _latency_chart(r, plt)
+    elif r.kind == "scale":
+        fig = _scale_chart(r, plt)
     else:
         fig = _compile_chart(r, plt)
     fig.text(0.01, 0.005, one_line(r.machine) if r.machine else "", fontsize=7, color="#555555")

@@ -187,3 +187,113 @@ def test_minilm_case_quick_tiny(tmp_path):
         assert {"median", "p10", "p90", "iqr"} <= set(s["latency_s"])
         assert {"median", "p10", "p90"} <= set(s["speedup"]) and s["floor_ratio"]["median"] > 0
         assert s["quality"]["cos_worst"] > 0.9999 and s["quality"]["max_abs_err"] < 1e-3
+
+
+# -- the scale case: its pieces in seconds, the whole case on a tiny model (slow) ----------------------
+
+def test_scale_configs_are_the_real_model_shapes():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.cases.scale import LLAMA32_1B, QWEN25_05B
+
+    # parameter counts of Qwen2.5-0.5B and Llama-3.2-1B (tied embeddings counted once)
+    for config, params in ((QWEN25_05B, 494_032_768), (LLAMA32_1B, 1_235_814_400)):
+        fields = {k: v for k, v in config.items() if k != "model_type"}
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **fields))
+        assert sum(p.numel() for p in model.parameters()) == params
+    assert AutoConfig.for_model("llama", **{k: v for k, v in LLAMA32_1B.items() if k != "model_type"}
+                                ).rope_parameters["rope_type"] == "llama3"
+
+
+def test_scale_measures_a_child_and_survives_its_kill(tmp_path):
+    from bench.cases.scale import run_measured
+
+    grow = "x = bytearray(300 * 2**20); import time; time.sleep(0.5)"
+    ok = run_measured([sys.executable, "-c", grow], tmp_path / "ok.log", timeout_s=60)
+    assert ok.ok and ok.peak_rss_bytes >= 300 * 2**20 and ok.samples
+    killed = run_measured([sys.executable, "-c", grow + "; import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                          tmp_path / "killed.log", timeout_s=60)
+    assert killed.returncode == -9 and killed.peak_rss_bytes >= 300 * 2**20
+    assert "killed by signal 9" in killed.failure() and "GiB peak RSS" in killed.failure()
+    slow = run_measured([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "slow.log", timeout_s=0.5)
+    assert slow.timed_out and not slow.ok and "timed out" in slow.failure()
+
+
+def test_scale_reads_phases_when_report_json_has_them(tmp_path):
+    from bench.cases.scale import _graphopt_report
+
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "manifest.json").write_text(json.dumps({"verification": {"passed": True,
+                                                                    "lowering_error_vs_original": 1e-6}}))
+    (art / "report.json").write_text(json.dumps({"passes": [{"spec": "cleanup", "time_s": 1.5}],
+                                                 "lowering": {"time_s": 2.0}}))
+    old = _graphopt_report(art)
+    assert old["phases"] == [{"phase": "pass:cleanup", "time_s": 1.5}, {"phase": "lower", "time_s": 2.0}]
+    assert old["verified"] is True
+    phases = [{"phase": "capture", "time_s": 3.0, "rss_gib": 2.5, "peak_rss_gib": 4.0, "extra": 1}]
+    (art / "report.json").write_text(json.dumps({"phases": phases, "memory": {"peak_rss_gib": 4.0}}))
+    new = _graphopt_report(art)
+    assert new["phases"] == [{"phase": "capture", "time_s": 3.0, "rss_gib": 2.5, "peak_rss_gib": 4.0}]
+    assert new["reported_peak_rss_gib"] == 4.0
+
+
+def test_scale_floor_is_bandwidth_over_bytes_per_token():
+    from bench.cases.scale import QWEN25_05B, decode_floor
+
+    linear_body, linear_head = 357_826_560, 136_134_656  # Qwen2.5-0.5B: layers' linears; the tied lm_head
+    info = {"linear_body": linear_body, "linear_head": linear_head,
+            "weight_bytes": 4 * (linear_body + linear_head) + 4 * 100_000}
+    rates = {"gemm_flops": 1e15, "mem_bw": 1e10}  # memory-bound by far
+    fl = decode_floor(info, QWEN25_05B, 16, 64, rates, int4=False)
+    per_token = 4 * (linear_body + linear_head) + 4 * 100_000
+    assert fl["bound"] == "memory" and fl["forwards"] == 64
+    assert fl["tokens_per_s"] == pytest.approx(1e10 / per_token, rel=0.01)  # the KV cache adds < 1 %
+    int4 = decode_floor(info, QWEN25_05B, 16, 64, rates, int4=True)
+    assert int4["tokens_per_s"] > 5 * fl["tokens_per_s"]
+
+
+def test_scale_report_from_a_synthetic_result(tmp_path):
+    from bench.report import write_all
+
+    r = CaseResult("scale", "scale title", "scale", {"models": {"m": "M shape"}, "parameters": {"m": 1_000_000},
+                                                     "checkpoint_bytes": {"m": 4_000_000}})
+    r.rows = [
+        {"model": "m", "system": "graphopt cleanup", "kind": "graphopt", "stage": "compile", "status": "ok",
+         "note": "", "time_s": 12.0, "peak_rss_gib": 1.5, "artifact_bytes": 4_100_000, "verified": True,
+         "phases": [{"phase": "capture", "time_s": 3.0, "rss_gib": 1.0, "peak_rss_gib": 1.2}],
+         "rss_samples": [[0.1, 0.5], [0.2, 1.5]]},
+        {"model": "m", "system": "onnxruntime-genai builder fp32", "kind": "peer", "stage": "compile",
+         "status": "failed", "note": "killed by signal 9 (SIGKILL: out of memory?) at 9.00 GiB peak RSS",
+         "time_s": 30.0, "peak_rss_gib": 9.0},
+    ]
+    r.systems = [SystemResult("HF generate (KV cache)", BASELINE, "ok", group="m · fp32", samples_s=[0.5, 0.6],
+                              latency_s=summarize([0.5, 0.6]), speedup=summarize([1.0, 1.0]),
+                              throughput={"unit": "tokens/s", "median": 110.0, "p10": 100.0, "p90": 120.0})]
+    r.baselines = {"m · fp32": "HF generate (KV cache)"}
+    write_all(r, tmp_path)
+    md = (tmp_path / "scale.md").read_text()
+    assert "## m: M shape, 1.0M parameters" in md and "killed by signal 9" in md and "9.00 GiB" in md
+    assert "Phases of `graphopt cleanup`" in md and "## m · fp32" in md and "110.0" in md
+    assert (tmp_path / "scale.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.slow
+def test_scale_case_quick_on_the_tiny_model(tmp_path):
+    proc = run_bench("--cases", "scale", "--quick", "--set", "scale.models=tiny", "--set", "scale.pipeline=cleanup",
+                     "--set", "scale.int4_pipeline=cleanup,quantize(scheme=int4-weight)", "--exclude", "torch.export",
+                     "--out", str(tmp_path), timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = check_files(tmp_path, "scale")
+    rows = {r["system"]: r for r in data["rows"]}
+    for name in ("checkpoint: build + save_pretrained", "graphopt checkpoint load", "graphopt cleanup"):
+        assert rows[name]["status"] == "ok" and rows[name]["peak_rss_gib"] > 0.05, rows[name]
+    assert rows["graphopt cleanup"]["verified"] is True and rows["graphopt cleanup"]["artifact_bytes"] > 0
+    assert rows["graphopt cleanup"]["phases"]
+    assert rows["torch.export + torch.onnx.export"]["status"] == "excluded"
+    timed = {s["name"]: s for s in data["systems"] if s["status"] == "ok"}
+    assert {"HF generate (KV cache)", "graphopt cleanup"} <= set(timed)
+    assert timed["graphopt cleanup"]["quality"]["token_agreement"] == 1.0
+    assert timed["graphopt cleanup"]["throughput"]["median"] > 0
+    assert data["floors"]["tiny · fp32"]["tokens_per_s"] > 0
