@@ -149,11 +149,177 @@ def test_reference_fails_ten_times_the_original_error(matmul_case):
         ev([orig], [worse], reference64=lambda: [[ref]])).passed
 
 
-def test_reference_without_fp64_run_falls_back_to_allclose():
+def test_reference_without_fp64_run_falls_back_to_allclose_and_says_so():
     policy = graphopt.verify.reference(tol=1e-3)
     assert policy.needs_reference64
-    assert policy.check(ev([t(1.0)], [t(1.0005)])).passed
+    out = policy.check(ev([t(1.0)], [t(1.0005)]))
+    assert out.passed
+    assert "fp64 reference unavailable" in out.message and "allclose(rtol=0.0001" in out.message
+    assert out.figures["fp64_reference"] == 0.0          # reaches report.json
+    assert "no fp64 run" in policy.label()               # reaches the report table and the CLI line
     assert not policy.check(ev([t(1.0)], [t(1.01)])).passed
+
+
+def test_reference_fallback_names_why_the_fp64_run_failed_and_follows_the_dtype():
+    def broken():
+        raise RuntimeError("aten::foo has no float64 kernel\n(long C++ trace)")
+
+    policy = graphopt.verify.reference()
+    x = torch.linspace(-2, 2, 64)
+    out = policy.check(ev([x], [x * (1 + 5e-5)], reference64=broken))
+    assert out.passed and "RuntimeError: aten::foo has no float64 kernel" in out.message
+    assert "(long C++ trace)" not in out.message
+    assert not policy.check(ev([x], [x * 1.001], reference64=broken)).passed          # fp32: 1e-4
+    h = x.half()
+    assert policy.check(ev([h], [(x * 1.005).half()], reference64=lambda: None)).passed   # fp16: 1e-2
+    assert "float16" in policy.label()
+    assert not policy.check(ev([h], [(x * 1.05).half()], reference64=lambda: None)).passed
+    # a later check with an fp64 run clears the fallback from the label
+    assert policy.check(ev([x], [x], reference64=lambda: [[x.double()]])).passed
+    policy.check(ev([x], [x + 1e-7], reference64=lambda: [[x.double()]]))
+    assert "no fp64 run" not in policy.label()
+
+
+# -- reference: the fp64 rule on crafted errors ----------------------------------------------------
+SIGMA = 1e-5  # the "original's own error" of these cases, far above fp32 rounding of values ~1
+
+
+def _around(ref: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    """An fp32 output whose error against ``ref`` is Gaussian noise of std ``sigma``."""
+    g = torch.Generator().manual_seed(seed)
+    return (ref + sigma * torch.randn(ref.shape, generator=g, dtype=torch.float64)).float()
+
+
+@pytest.fixture(scope="module")
+def hidden():
+    """``[B, T, H]`` hidden states in fp64 (the reference), the size of a small model's output."""
+    return torch.randn(8, 32, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def test_reference_passes_noise_the_size_of_the_originals_own(hidden):
+    orig, cand = _around(hidden, SIGMA, 1), _around(hidden, 1.5 * SIGMA, 2)
+    out = graphopt.verify.reference().check(ev([orig], [cand], names=["h"], reference64=lambda: [[hidden]]))
+    assert out.passed, out.message
+    assert "within 3 x the original's own" in out.message and out.figures["bound_ratio"] < 1
+    # the same pair fails a fixed allclose: the false alarm the fp64 rule removes
+    assert not graphopt.verify.allclose(rtol=1e-5, atol=1e-5).check(ev([orig], [cand])).passed
+
+
+def test_reference_max_rule_catches_an_error_in_one_row_that_the_rms_dilutes(hidden):
+    """A dropped mask in one padded sentence, one wrong head: few elements, far off."""
+    orig, cand = _around(hidden, SIGMA, 1), _around(hidden, SIGMA, 2)
+    cand[3, 7] += 20 * SIGMA                     # one token's 64 values of 16384
+    out = graphopt.verify.reference().check(ev([orig], [cand], names=["h"], reference64=lambda: [[hidden]]))
+    assert not out.passed and out.worst_output == "h"
+    f = out.figures
+    assert f["rmse_vs_fp64_candidate"] <= 3 * f["rmse_vs_fp64_original"]    # an RMS rule alone would pass it
+    assert f["max_vs_fp64_candidate"] > f["max_bound"] and "max " in out.message and ">" in out.message
+
+
+def test_reference_rms_rule_catches_a_small_error_spread_over_everything(hidden):
+    """An attention scale off by 1e-3: every element a little off, none far."""
+    orig, cand = _around(hidden, SIGMA, 1), (_around(hidden, SIGMA, 2).double() + 4 * SIGMA).float()
+    out = graphopt.verify.reference().check(ev([orig], [cand], names=["h"], reference64=lambda: [[hidden]]))
+    assert not out.passed
+    f = out.figures
+    assert f["max_vs_fp64_candidate"] <= f["max_bound"]                       # a max rule alone would pass it
+    assert f["rmse_vs_fp64_candidate"] > f["rms_bound"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_follows_the_graphs_dtype_by_itself(dtype):
+    """A half-precision original is ~1e-3 off fp64 itself: a reassociated half GEMM passes the same
+    rule (a fixed fp32 tolerance would fail it) and a 2% error still fails."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, 256, generator=g).to(dtype), torch.randn(256, 32, generator=g).to(dtype)
+    ref = a.double() @ b.double()
+    orig = a @ b
+    split = a[:, :128] @ b[:128] + a[:, 128:] @ b[128:]                    # sums in another order
+    policy = graphopt.verify.reference()
+    out = policy.check(ev([orig], [split], reference64=lambda: [[ref]]))
+    assert out.passed, out.message
+    assert not graphopt.verify.allclose(rtol=1e-4, atol=1e-5).check(ev([orig], [split])).passed
+    assert not policy.check(ev([orig], [(orig.double() * 1.02).to(dtype)], reference64=lambda: [[ref]])).passed
+
+
+def test_reference_small_outputs_get_a_wider_k():
+    """Two logits: their own error is a noisy estimate (two samples), so k grows by sqrt(64/2)."""
+    ref = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    orig = (ref + torch.tensor([1e-5, -1e-5], dtype=torch.float64)).float()
+    policy = graphopt.verify.reference()
+    assert policy.check(ev([orig], [(ref + 1e-4).float()], reference64=lambda: [[ref]])).passed      # 10x
+    assert not policy.check(ev([orig], [(ref + 1e-3).float()], reference64=lambda: [[ref]])).passed  # 100x
+    big_ref = ref.repeat(32)                                                                        # 64 values
+    big = (big_ref + torch.tensor([1e-5, -1e-5], dtype=torch.float64).repeat(32)).float()
+    assert not policy.check(ev([big], [(big_ref + 1e-4).float()], reference64=lambda: [[big_ref]])).passed
+
+
+def test_reference_bit_identical_outputs_need_no_fp64_run():
+    def never():
+        raise AssertionError("the fp64 reference must not run for bit-identical outputs")
+
+    x = torch.randn(4, 8)
+    out = graphopt.verify.reference().check(ev([x, torch.arange(3)], [x.clone(), torch.arange(3)], reference64=never))
+    assert out.passed and out.message == "bit-identical" and out.figures["max_abs_error"] == 0.0
+
+
+def test_reference_integer_outputs_and_non_finite_values_must_match_exactly():
+    x = torch.randn(16)
+    ref = [[x.double(), torch.arange(3)]]
+    policy = graphopt.verify.reference()
+    out = policy.check(ev([x, torch.arange(3)], [x + 1e-7, torch.tensor([0, 1, 3])], reference64=lambda: ref))
+    assert not out.passed and "integer" in out.message
+    nan = x.clone()
+    nan[2] = NAN
+    ref_nan = [[nan.double()]]
+    assert policy.check(ev([nan], [nan.double().add(1e-9).float()], reference64=lambda: ref_nan)).passed
+    finite = nan.clone()
+    finite[2] = 0.0
+    out = policy.check(ev([nan], [finite], reference64=lambda: ref_nan))
+    assert not out.passed and "NaN/inf" in out.message
+    assert not policy.check(ev([x], [x.clone().index_fill_(0, torch.tensor([5]), INF)],
+                               reference64=lambda: [[x.double()]])).passed
+
+
+def test_reference_after_a_lossy_pass_does_not_measure_against_the_unquantized_fp64(hidden):
+    """After quantize/prune, ``original`` holds that pass's outputs (the verifier's baseline): their
+    distance to the fp64 original is the quantization error, and 3x it would hide real bugs."""
+    from types import SimpleNamespace
+
+    quantized = _around(hidden, 1e-2, 1)                         # 1% off the fp64 original
+    bug = quantized.double().add(5e-3).float()                   # a 0.5% bug after quantization
+    after_quant = SimpleNamespace(meta={"lowering_check": {"against": "optimized"}})
+    policy = graphopt.verify.reference()
+    out = policy.check(ev([quantized], [bug], reference64=lambda: [[hidden]], candidate_ir=after_quant))
+    assert not out.passed and "a lossy pass ran before" in out.message and out.figures["fp64_reference"] == 0.0
+    assert policy.check(ev([quantized], [bug], reference64=lambda: [[hidden]])).passed   # what the fp64 rule would say
+
+
+def test_reference_on_a_float64_graph_has_no_more_exact_reference():
+    x = torch.randn(64, dtype=torch.float64)
+    policy = graphopt.verify.reference()
+    out = policy.check(ev([x], [x * (1 + 1e-13)], reference64=lambda: [[x]]))
+    assert out.passed and "computes in float64 already" in out.message and "allclose(rtol=1e-10" in out.message
+    assert not policy.check(ev([x], [x * (1 + 1e-6)], reference64=lambda: [[x]])).passed
+
+
+def test_reference_rejects_nonsense_settings():
+    with pytest.raises(ValueError, match="multiplier"):
+        graphopt.verify.reference(multiplier=0.5)
+    assert graphopt.verify.reference().describe() == "reference(multiplier=3, ulps=1)"
+    assert graphopt.verify.reference(tol=0.01).describe() == "reference(tol=0.01, multiplier=3, ulps=1)"
+
+
+def test_exact_compares_with_the_graph_before_the_pass_when_given():
+    """After a fusion (accepted by the fp64 rule), an exact pass cannot be bit-identical to the
+    original; it must be bit-identical to what it was given."""
+    orig, fused = torch.randn(5), None
+    fused = orig + 1e-7
+    e = Evidence(output_names=["y"], original=[[orig]], candidate=[[fused.clone()]], previous=[[fused]])
+    out = graphopt.verify.exact().check(e)
+    assert out.passed and "before the pass" in out.message
+    e.candidate = [[fused + 1e-6]]
+    assert not graphopt.verify.exact().check(e).passed
 
 
 # -- metric ----------------------------------------------------------------------------------------

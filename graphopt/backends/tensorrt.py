@@ -392,7 +392,9 @@ def build_engine(onnx_path: str | Path, settings: BuildSettings, *, trt: Any = N
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError(f"TensorRT {version} could not build an engine from {onnx_path} (see the TensorRT log above); "
-                           f"`graphopt check --target tensorrt {onnx_path}` lists known incompatibilities")
+                           f"`graphopt check --target tensorrt {onnx_path}` lists known incompatibilities. If the log "
+                           "reports GPU memory: a smaller --target-option workspace_mib, fewer contexts, or narrower "
+                           "--dynamic ranges (smaller batch and sequence maxima)")
     plan = bytes(serialized)
     facts["build_time_s"] = round(time.perf_counter() - t0, 3)
     _atomic_write(timing_path, bytes(config.get_timing_cache().serialize()))

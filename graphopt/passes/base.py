@@ -191,22 +191,20 @@ def describe_options(pass_cls: type[Pass]) -> list[str]:
 
 def _hints(pass_cls: type[Pass]) -> dict[str, Any]:
     """The resolved type of every option. Annotations are strings under ``from __future__ import
-    annotations``; they resolve in the Options' module, then in the pass class's own namespace (a
-    type defined in the class body). One that still does not resolve (a name imported only under
+    annotations`` and resolve in the Options' module. One that does not (a name imported only under
     ``TYPE_CHECKING``, a class local to a function) raises: converting values with an unknown type
     would hand the pass raw strings."""
     opts = pass_cls.Options
     if not dataclasses.is_dataclass(opts):
         return {}
-    localns = {**vars(pass_cls), pass_cls.__name__: pass_cls}
     try:
-        return typing.get_type_hints(opts, localns=localns)
-    except Exception:  # NameError, AttributeError, SyntaxError, TypeError from a bad annotation
+        return typing.get_type_hints(opts)
+    except Exception:  # NameError, AttributeError, SyntaxError, TypeError: found and named below
         pass
     for f in dataclasses.fields(opts):  # find the option at fault and say why
         try:
             typing.get_type_hints(type("_One", (), {"__annotations__": {f.name: f.type},
-                                                    "__module__": opts.__module__}), localns=localns)
+                                                    "__module__": opts.__module__}))
         except Exception as e:
             raise PassOptionError(
                 f"pass {pass_cls.name!r}: the type of option {f.name!r} ({f.type!r}) cannot be resolved "
@@ -282,6 +280,14 @@ def _convert(pass_name: str, key: str, value: Any, typ: Any) -> Any:
             return float(value)
         if typ is str:
             return str(value)
+        if typ is Any:
+            return value
+        if isinstance(typ, type):  # Path, an Enum, a class taking the text: convert, never hand over the string
+            return value if isinstance(value, typ) else typ(value)
     except (TypeError, ValueError):
         raise PassOptionError(f"pass {pass_name!r}: option {key}={value!r} is not a {_type_name(typ)}") from None
-    return value
+    if origin is not None and isinstance(value, origin):  # dict[...] given as a TOML table
+        return value
+    raise PassOptionError(f"pass {pass_name!r}: option {key} is declared as {_type_name(typ)}, which pipeline text "
+                          "cannot give; declare it as int, float, str, bool, Literal[...], list[...] or a class "
+                          "built from a string")

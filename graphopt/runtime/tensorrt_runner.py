@@ -19,6 +19,11 @@ caller's stream waits for it before anyone reads the outputs.
 
 Engines with several profiles (KV-cache artifacts: ``prefill`` and ``decode``) run each call on
 the first profile whose ranges hold the input shapes.
+
+Failures while running are :class:`~graphopt.errors.RuntimeFailure` (a ``RuntimeError`` too) whose
+message names the fix: out of GPU memory for a context's activations (fewer contexts, narrower
+dynamic ranges), for the inputs and outputs of one call (a smaller batch or sequence), or an
+execution error reported in the TensorRT log.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 
 from graphopt.backends.base import Runner
-from graphopt.errors import ArtifactError, InputError
+from graphopt.errors import ArtifactError, InputError, RuntimeFailure
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +88,9 @@ class TensorRTRunner(Runner):
             self.engine = self.runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if self.engine is None:
             raise ArtifactError(f"TensorRT {trt.__version__} could not deserialize {self.plan_path} (see its log); "
-                                f"rebuild it with `graphopt build-engine {self.plan_path.parent}`")
+                                "if the log says the GPU is out of memory, free GPU memory (other processes, other "
+                                "loaded engines) or use a GPU with more; otherwise rebuild it with "
+                                f"`graphopt build-engine {self.plan_path.parent}`")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [s["name"] for s in manifest["inputs"]]
@@ -122,7 +129,12 @@ class TensorRTRunner(Runner):
             stream = self._new_stream()
             ctx = self.engine.create_execution_context()
             if ctx is None:
-                raise RuntimeError("TensorRT could not create an execution context (out of GPU memory?)")
+                raise RuntimeFailure(
+                    f"TensorRT could not create an execution context for {self.plan_path}: each context holds the "
+                    f"activation memory of the largest shapes its profile allows ({self._activation_mib()}), and the "
+                    "GPU has not that much free. Free GPU memory, build fewer concurrent contexts "
+                    "(--target-option contexts=1), or narrow the dynamic ranges (--dynamic with smaller batch and "
+                    "sequence maxima) and compile again")
             if self.engine.num_optimization_profiles > 1:
                 ctx.set_optimization_profile_async(physical, stream.cuda_stream)
         except BaseException:
@@ -131,6 +143,17 @@ class TensorRTRunner(Runner):
                 self._lock.notify()
             raise
         return ctx, stream
+
+    def _activation_mib(self) -> str:
+        size = None
+        for attr in ("device_memory_size_v2", "device_memory_size"):  # TensorRT 10.x / 11.x spellings
+            try:
+                size = getattr(self.engine, attr, None)
+            except (RuntimeError, TypeError):  # a binding that raises on the deprecated name: try the next
+                continue
+            if isinstance(size, int):
+                break
+        return f"{size / 2 ** 20:.0f} MiB per context" if isinstance(size, int) else "size unknown"
 
     def _new_stream(self) -> Any:
         return torch.cuda.Stream(self.torch_device)
@@ -156,13 +179,26 @@ class TensorRTRunner(Runner):
             raise InputError(f"the engine takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
                              f"got {len(inputs)}")
         with torch.cuda.device(self.torch_device):
-            tensors = {n: self._to_device(n, x) for n, x in zip(self.input_names, inputs)}
+            try:
+                tensors = {n: self._to_device(n, x) for n, x in zip(self.input_names, inputs)}
+            except torch.OutOfMemoryError as e:
+                raise self._out_of_memory("copying the inputs to the GPU", inputs, e) from e
             profile = self._pick_profile({n: tuple(t.shape) for n, t in tensors.items()})
             item = self._acquire(profile)
             try:
                 return self._enqueue(item, tensors)
+            except torch.OutOfMemoryError as e:
+                raise self._out_of_memory("allocating the outputs", inputs, e) from e
             finally:
                 self._release(profile, item)
+
+    def _out_of_memory(self, what: str, inputs: list[Any], e: BaseException) -> RuntimeFailure:
+        shapes = {n: tuple(getattr(x, "shape", ())) for n, x in zip(self.input_names, inputs)}
+        first = (str(e).strip().splitlines() or [""])[0]
+        return RuntimeFailure(f"out of GPU memory on {self.torch_device} while {what} of {self.plan_path.name} for "
+                              f"inputs {shapes} ({first}). Run a smaller batch or sequence, free GPU memory, or load "
+                              "the engine with fewer concurrent contexts (--target-option contexts=1: each holds "
+                              "its own activation memory)")
 
     def _enqueue(self, item: tuple[Any, torch.cuda.Stream], tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         ctx, stream = item
@@ -189,7 +225,11 @@ class TensorRTRunner(Runner):
             keep.append(buf)
             outs.append(out)
         if not ctx.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.plan_path} (see the TensorRT log)")
+            shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+            raise RuntimeFailure(
+                f"TensorRT could not run {self.plan_path} on inputs {shapes} (execute_async_v3 failed; the TensorRT "
+                "log above says why). When it reports GPU memory: run a smaller batch or sequence, or load the "
+                "engine with fewer concurrent contexts (--target-option contexts=1)")
         caller.wait_stream(stream)   # outputs are ready for whoever reads them on the caller's stream
         return outs
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -126,3 +127,67 @@ def heldout_perplexity(
                 total_nll += float(nll[row, first:].sum())
                 total_count += window - first
     return math.exp(total_nll / total_count)
+
+
+@dataclass(frozen=True)
+class ReferenceErrors:
+    """Errors of an original output ``x`` and a candidate output ``y`` against a float64 reference
+    ``r``, as sums that pool over tensors (``a + b``: one output over several input sets): the count
+    of compared elements, sums of squares of ``x - r``, ``y - r`` and ``r``, and the largest of each
+    in absolute value. Only positions where ``r`` and ``x`` are finite count; ``nonfinite_mismatch``
+    says whether ``y`` differs from ``x`` anywhere ``x`` or ``r`` is NaN or infinite (those positions
+    must match exactly)."""
+
+    count: int = 0
+    sq_orig: float = 0.0
+    sq_new: float = 0.0
+    sq_ref: float = 0.0
+    max_orig: float = 0.0
+    max_new: float = 0.0
+    max_ref: float = 0.0
+    nonfinite_mismatch: bool = False
+
+    def __add__(self, o: ReferenceErrors) -> ReferenceErrors:
+        return ReferenceErrors(self.count + o.count, self.sq_orig + o.sq_orig, self.sq_new + o.sq_new,
+                               self.sq_ref + o.sq_ref, max(self.max_orig, o.max_orig), max(self.max_new, o.max_new),
+                               max(self.max_ref, o.max_ref), self.nonfinite_mismatch or o.nonfinite_mismatch)
+
+    def _rms(self, sq: float) -> float:
+        return math.sqrt(sq / self.count) if self.count else 0.0
+
+    @property
+    def rms_orig(self) -> float:
+        return self._rms(self.sq_orig)
+
+    @property
+    def rms_new(self) -> float:
+        return self._rms(self.sq_new)
+
+    @property
+    def rms_ref(self) -> float:
+        return self._rms(self.sq_ref)
+
+
+def reference_errors(r: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                     chunk: int = 1 << 22) -> ReferenceErrors:
+    """:class:`ReferenceErrors` of ``x`` and ``y`` against ``r``, in float64, ``chunk`` elements at a
+    time (a ``[B, T, vocab]`` logits output is never copied whole into float64)."""
+    r, x, y = r.detach().reshape(-1), x.detach().reshape(-1), y.detach().reshape(-1)
+    total = ReferenceErrors()
+    for i in range(0, r.numel(), chunk):
+        rc, xc, yc = (t[i:i + chunk].to(torch.float64) for t in (r, x, y))
+        ok = torch.isfinite(rc) & torch.isfinite(xc)
+        mismatch = False
+        if not bool(ok.all()):  # NaN / inf in the original: the candidate must reproduce them
+            bad = ~ok
+            same = (xc[bad] == yc[bad]) | (torch.isnan(xc[bad]) & torch.isnan(yc[bad]))
+            mismatch = not bool(same.all())
+            rc, xc, yc = rc[ok], xc[ok], yc[ok]
+        if not rc.numel():
+            total = total + ReferenceErrors(nonfinite_mismatch=mismatch)
+            continue
+        eo, en = (xc - rc).abs(), (yc - rc).abs().nan_to_num(nan=math.inf)
+        total = total + ReferenceErrors(rc.numel(), float(eo.square().sum()), float(en.square().sum()),
+                                        float(rc.square().sum()), float(eo.max()), float(en.max()),
+                                        float(rc.abs().max()), mismatch)
+    return total

@@ -18,6 +18,11 @@ Python scalars keep their type (``x + 1`` and ``x + 1.0`` differ for integer ``x
 Never merged: random ops (two ``rand_like`` are two samples), ops with side effects or that
 mutate their inputs, values some user writes into in place, assertions, placeholders, Python
 callables other than ``operator`` functions and higher-order ops.
+
+Merging computes nothing new, so outputs are bit-identical to the graph before the pass; the check
+is the fp64 rule (``reference()``) because it compares with the ORIGINAL, which an earlier pass
+(remove-noops, a fusion) may already differ from in the last bits. Bit-identical results pass as
+such, without an fp64 run, and the report says so.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch.fx
 from graphopt.ir.graph_ir import GraphIR, op_name
 from graphopt.ir.nodes import packet
 from graphopt.passes.base import Pass, PassContext, PassResult
-from graphopt.verify.policies import exact
+from graphopt.verify.policies import reference
 
 from .remove_noops import ASSERT_OPS, OpOverload
 
@@ -94,7 +99,7 @@ class EliminateCommonSubexpressions(Pass):
     """Merge nodes that compute the same value (same op, same inputs, same arguments)."""
 
     name = "eliminate-common-subexpressions"
-    verification = exact()
+    verification = reference()
 
     def run(self, ir: GraphIR, ctx: PassContext) -> PassResult:
         seen: dict[Any, torch.fx.Node] = {}

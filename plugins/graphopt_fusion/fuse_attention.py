@@ -65,8 +65,9 @@ Numerics, fully-masked rows included (a row whose every key is masked):
   the original (softmax of all ``-inf``) and 0 after fusion (torch's SDPA and ONNX Runtime's
   ``Attention`` both return zeros there). Causal masks never mask a whole row;
 - everything else differs by float rounding only (the order of scale, mask add and softmax inside
-  the kernel), hence ``allclose(rtol=1e-4, atol=1e-5)`` (float32 models: observed max abs errors
-  2e-7 to 3e-6 on the sample models). Lowered to ONNX, the onnx backend keeps these semantics in
+  the kernel), hence the fp64 rule ``reference()``: the fused graph's error against an fp64 run
+  of the original stays within 3x the original's own (observed: at most 1.4x on MiniLM with real
+  text, while a scale off by 1e-3 is 20x-1000x and a dropped padding mask 1e5x). Lowered to ONNX, the onnx backend keeps these semantics in
   ONNX Runtime, whose ``Attention`` kernel reads ``finfo.min`` as "masked out" and refuses masks
   that broadcast over the query length (see ``_prepare_attention_masks`` there).
 
@@ -93,7 +94,7 @@ import torch.fx
 
 from graphopt.ir.graph_ir import GraphIR
 from graphopt.passes.base import Pass, PassContext, PassResult
-from graphopt.verify.policies import allclose
+from graphopt.verify.policies import reference
 
 from .patterns import (
     CAST_OPS,
@@ -592,7 +593,7 @@ class FuseAttention(Pass):
     """Rewrite every attention (matmul, scale, mask, softmax, matmul) into one canonical SDPA node."""
 
     name = "fuse-attention"
-    verification = allclose(rtol=1e-4, atol=1e-5)
+    verification = reference()
 
     @dataclasses.dataclass
     class Options:

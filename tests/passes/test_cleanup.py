@@ -34,8 +34,12 @@ def test_registers_passes_and_aliases():
     assert aliases == {
         "cleanup": "remove-noops,fold-constants,eliminate-common-subexpressions,eliminate-dead-code",
         "dce": "eliminate-dead-code", "cse": "eliminate-common-subexpressions"}
-    for info in register.registry.passes.values():
-        assert info.cls.summary() and info.cls.verification.name == "exact"
+    # dead-code elimination is bit-exact by construction; the others are checked with the fp64 rule,
+    # which passes bit-identical results as such (README "Verification")
+    policies = {name: info.cls.verification.name for name, info in register.registry.passes.items()}
+    assert all(info.cls.summary() for info in register.registry.passes.values())
+    assert policies == {"eliminate-dead-code": "exact", "remove-noops": "reference", "fold-constants": "reference",
+                        "eliminate-common-subexpressions": "reference"}
 
 
 def test_loaded_like_any_plugin():
