@@ -218,6 +218,8 @@ def test_scale_measures_a_child_and_survives_its_kill(tmp_path):
     assert "killed by signal 9" in killed.failure() and "GiB peak RSS" in killed.failure()
     slow = run_measured([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "slow.log", timeout_s=0.5)
     assert slow.timed_out and not slow.ok and "timed out" in slow.failure()
+    capped = run_measured([sys.executable, "-c", grow], tmp_path / "capped.log", timeout_s=60, max_rss_gib=0.1)
+    assert capped.capped == 0.1 and not capped.ok and "past the 0.1 GiB cap" in capped.failure()
 
 
 def test_scale_reads_phases_when_report_json_has_them(tmp_path):

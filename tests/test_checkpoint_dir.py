@@ -230,15 +230,19 @@ def test_bf16_from_the_config_on_the_torch_target(tmp_path, tokenizer_files):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="bf16 on the onnx target is being made to work (issue 13); passes once it does",
-                   strict=False)
 def test_bf16_from_the_config_on_the_onnx_target(tmp_path, tokenizer_files):
+    # ONNX Runtime's CPU provider has no bf16 kernels: the onnx target computes in fp32 and the
+    # engine hands back the model's dtype
     folder = write_checkpoint(tmp_path / "ck", tokenizer_files, "qwen2", dtype=torch.bfloat16)
     art = graphopt.compile(str(folder), pipeline="cleanup,fuse", target="onnx", out=tmp_path / "art", report=None)
     assert art.manifest["verification"]["passed"] is True
     eng = graphopt.load(art.path)
     ck = load_checkpoint(folder)
-    assert eng(**ck.example_inputs)["logits"].dtype == torch.bfloat16
+    got = eng(**ck.example_inputs)["logits"]
+    assert got.dtype == torch.bfloat16
+    with torch.no_grad():
+        want = ck.module(**ck.example_inputs).logits
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
 # -- what a directory can get wrong: ModelLoadError naming the file and the fix, exit 2 --------------

@@ -108,6 +108,7 @@ class Params:
     tokenizer_vocab: int = 4096
     seed: int = 0
     timeout_s: int = 5400  # per process
+    max_rss_gib: float = 0.0  # > 0: kill a process whose RSS passes this (recorded as failed, with its peak)
     keep: bool = False  # keep checkpoints and artifacts after each model (disk: ~5x the checkpoint)
 
 
@@ -122,6 +123,7 @@ class Proc:
     time_s: float = 0.0
     peak_rss_bytes: int = 0
     timed_out: bool = False
+    capped: float | None = None  # GiB: killed for going past the --set scale.max_rss_gib cap
     samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds, RSS GiB)
     log: Path | None = None
 
@@ -132,6 +134,9 @@ class Proc:
     def failure(self) -> str:
         if self.timed_out:
             return f"timed out after {self.time_s:.0f}s (killed)"
+        if self.capped:
+            return (f"killed at {self.peak_rss_bytes / GIB:.2f} GiB RSS, past the {self.capped:g} GiB cap "
+                    "(--set scale.max_rss_gib=...)")
         if self.returncode is not None and self.returncode < 0:
             sig = -self.returncode
             why = " (SIGKILL: out of memory?)" if sig == 9 else ""
@@ -155,9 +160,11 @@ def _proc_status(pid: int) -> tuple[int, int]:
 
 
 def run_measured(cmd: list[str], log: Path, *, timeout_s: float, env: dict[str, str] | None = None,
-                 interval: float = 0.1) -> Proc:
+                 interval: float = 0.1, max_rss_gib: float = 0.0) -> Proc:
     """Run ``cmd`` (output to ``log``), sampling its memory until it exits; never raises for the
-    child's failure: the returned :class:`Proc` says how it ended."""
+    child's failure: the returned :class:`Proc` says how it ended. ``max_rss_gib`` > 0 kills the
+    child when its RSS passes it (a shared machine: stop before the kernel's OOM killer picks a
+    neighbour)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = Proc(cmd=cmd, log=log)
     t0 = time.perf_counter()
@@ -175,6 +182,9 @@ def run_measured(cmd: list[str], log: Path, *, timeout_s: float, env: dict[str, 
             proc.samples.append((round(elapsed, 2), round(rss / GIB, 3)))
         if elapsed > timeout_s and not proc.timed_out:
             proc.timed_out = True
+            child.kill()
+        if max_rss_gib > 0 and rss > max_rss_gib * GIB and not proc.capped:
+            proc.capped = max_rss_gib
             child.kill()
         time.sleep(interval)
     child.returncode = proc.returncode = os.waitstatus_to_exitcode(status)
@@ -292,7 +302,7 @@ def run_model(ctx: BenchContext, p: Params, name: str, result: CaseResult, rates
                                          "tokenizer_vocab": p.tokenizer_vocab, "corpus": str(CORPUS),
                                          "prompt_len": p.prompt_len}, logs)
     row = _row(result, name, "checkpoint: build + save_pretrained", BASELINE, "setup")
-    proc = run_measured(cmd, logs / "write.log", timeout_s=timeout, env=env)
+    proc = run_measured(cmd, logs / "write.log", timeout_s=timeout, env=env, max_rss_gib=p.max_rss_gib)
     _record(row, proc)
     info = _read_result(res_file)
     if not proc.ok or not info:
@@ -309,7 +319,7 @@ def run_model(ctx: BenchContext, p: Params, name: str, result: CaseResult, rates
         ctx.log(f"scale/{name}: loading the checkpoint directory alone (graphopt.checkpoint) ...")
         cmd, res_file = worker_cmd("load", {"dir": str(ckpt)}, logs)
         row = _row(result, name, "graphopt checkpoint load", GRAPHOPT, "load")
-        _record(row, run_measured(cmd, logs / "load.log", timeout_s=timeout, env=env))
+        _record(row, run_measured(cmd, logs / "load.log", timeout_s=timeout, env=env, max_rss_gib=p.max_rss_gib))
         loaded = _read_result(res_file)
         if loaded:
             row.update(load=loaded, note=f"{loaded['time_s']:.1f}s; tensors {loaded['tensor_bytes'] / GIB:.2f} GiB; "
@@ -344,7 +354,7 @@ def run_model(ctx: BenchContext, p: Params, name: str, result: CaseResult, rates
                                                   "max_batch": p.max_batch, "max_seq": p.max_seq}, logs)
         else:
             cmd, res_file = make_cmd(out), None
-        proc = run_measured(cmd, logs / f"{_slug(label)}.log", timeout_s=timeout, env=env)
+        proc = run_measured(cmd, logs / f"{_slug(label)}.log", timeout_s=timeout, env=env, max_rss_gib=p.max_rss_gib)
         _record(row, proc)
         row["artifact_bytes"] = dir_bytes(out)
         if res_file is not None:
@@ -410,7 +420,7 @@ def _decode(ctx: BenchContext, p: Params, name: str, group: str, systems: list[d
     cmd, res_file = worker_cmd(f"decode_{group}", {"systems": systems, "prompt": prompt, "new_tokens": p.new_tokens,
                                                    "warmup": warmup, "iters": iters, "threads": ctx.threads}, logs)
     row = _row(result, name, f"decode process ({group}: {len(systems)} systems loaded together)", PEER, "decode")
-    proc = run_measured(cmd, logs / f"decode_{group}.log", timeout_s=p.timeout_s, env=env)
+    proc = run_measured(cmd, logs / f"decode_{group}.log", timeout_s=p.timeout_s, env=env, max_rss_gib=p.max_rss_gib)
     _record(row, proc)
     out = _read_result(res_file)
     if proc.ok and not out.get("systems"):
