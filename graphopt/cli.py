@@ -45,10 +45,20 @@ class _Progress:
             status = "ok" if v.get("passed") else ("not verified" if not v else "FAILED")
             err = v.get("error_vs_original")
             err_s = f", err {err:.2e}" if isinstance(err, float) else ""
+            mem = f", rss {rec['rss_gib']:.2f} GiB (peak {rec['peak_rss_gib']:.2f})" if "rss_gib" in rec else ""
+            vt = f" in {v['time_s']:.2f}s" if isinstance(v.get("time_s"), (int, float)) else ""
             print(f" {rec.get('time_s', 0):.2f}s, nodes {rec.get('nodes_before')}→{rec.get('nodes_after')}, "
-                  f"{v.get('policy', '')} {status}{err_s}", file=sys.stderr, flush=True)
+                  f"{v.get('policy', '')} {status}{vt}{err_s}{mem}", file=sys.stderr, flush=True)
+        elif event == "phase" and not kw["name"].startswith("pass:"):
+            # capture, verification set-up, lowering, its check, writing: elapsed time and memory
+            if kw["status"] == "start":
+                print(f"[{kw['name']}] ... (at {kw['elapsed_s']:.1f}s, rss {kw['rss_gib']:.2f} GiB)",
+                      file=sys.stderr, flush=True)
+            else:
+                print(f"[{kw['name']}] done in {kw['time_s']:.2f}s, rss {kw['rss_gib']:.2f} GiB "
+                      f"(peak {kw['peak_rss_gib']:.2f}), {kw['elapsed_s']:.1f}s elapsed", file=sys.stderr, flush=True)
         elif event == "lower":
-            print(f"[lower] {kw['target']} ...", end="", file=sys.stderr, flush=True)
+            pass  # the "lower" phase lines say it, with time and memory
         elif event == "calibrate":  # graphopt-quant: observing calibration batches
             print(f" {kw['done']}/{kw['total']}" if kw["done"] == kw["total"] or kw["done"] % 8 == 0 else "",
                   end="", file=sys.stderr, flush=True)
@@ -57,7 +67,7 @@ class _Progress:
             v = rec.get("verify") or {}
             err = v.get("error_vs_original")
             err_s = f", err {err:.2e}" if isinstance(err, float) else ""
-            print(f" {rec.get('time_s', 0):.2f}s, {'ok' if v.get('passed') else 'FAILED'}{err_s}",
+            print(f"[lower:{rec.get('target', '')}] {v.get('policy', '')} {'ok' if v.get('passed') else 'FAILED'}{err_s}",
                   file=sys.stderr, flush=True)
 
 
@@ -300,13 +310,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("  outputs: " + ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in m["outputs"]))
     if (m["payload"] or {}).get("compute_dtype"):  # e.g. a bf16 graph computed in fp32 (onnx on ONNX Runtime CPU)
         print(f"  computes in: {m['payload']['compute_dtype']} (the model's {m['payload'].get('source_dtype')} graph, upcast)")
-    from graphopt.errors import InputError
-    from graphopt.runtime.generation import limits
-
-    try:  # decoder artifacts: how long a sequence `generate` can make
-        print(f"  generation: {limits(m).describe()}")
-    except (InputError, KeyError, StopIteration):
-        pass  # not a decoder LM
     from graphopt.errors import InputError
     from graphopt.runtime.generation import limits
 

@@ -148,8 +148,10 @@ def test_dynamic_list_form_with_keyword_examples_is_an_input_error():
 
 
 # -- 5. a lossy pass before kv-cache ---------------------------------------------------------
-LOSSY = ["quantize(scheme=int8-weight)", "quantize(scheme=int4-weight)", "quantize(scheme=w8a8)",
+LOSSY = ["quantize(scheme=int8-weight)", "quantize(scheme=int4-weight)", "w8a8",
          "prune(structure=channels,amount=0.25)", "precision(dtype=bf16)"]
+SHAKESPEARE_W8A8 = ("calibrate(calib=../shared/data/tinyshakespeare.txt,text_end=0.9,max_samples=4,"
+                    "tokenizer=samples/shakespeare/checkpoint/tokenizer.json),quantize(scheme=w8a8)")
 
 
 def _shakespeare():
@@ -174,11 +176,18 @@ def test_lossy_pass_before_kv_cache_on_the_trained_decoder(lossy):
 @pytest.mark.parametrize("order", ["before", "after"])
 @pytest.mark.parametrize("lossy", LOSSY)
 @pytest.mark.parametrize("model_name", ["shakespeare", "llama-gqa"])
-def test_lossy_passes_compose_with_kv_cache_in_either_order(model_name, lossy, order):
+def test_lossy_passes_compose_with_kv_cache_in_either_order(tmp_path, model_name, lossy, order):
     if model_name == "shakespeare":
         model, ex, dyn = _shakespeare()
+        if lossy == "w8a8":
+            lossy = SHAKESPEARE_W8A8
     else:
         model, ex, dyn = _model("llama", seed=3), {"input_ids": _prompt(batch=2, length=12)}, None
+        if lossy == "w8a8":
+            import numpy as np
+
+            np.savez(tmp_path / "calib.npz", input_ids=np.random.default_rng(0).integers(0, VOCAB, (4, 16)))
+            lossy = f"calibrate(calib={tmp_path / 'calib.npz'}),quantize(scheme=w8a8)"
     pipeline = f"cleanup,fuse,{lossy},kv-cache" if order == "before" else f"cleanup,fuse,kv-cache,{lossy}"
     _, ir, report, _ = graphopt.optimize(model, ex, pipeline, dynamic=dyn)
     assert report.data["verification"]["passed"] is not False

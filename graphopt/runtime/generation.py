@@ -364,6 +364,8 @@ class _OrtStepper(_TensorStepper):
             if isinstance(v, self.ort.OrtValue):
                 binding.bind_ortvalue_input(name, v)
             else:
+                if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16:
+                    v = v.float()  # a bf16 graph computed in fp32 (numpy and ORT CPU have no bf16)
                 arr = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
                 binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), self.device))
         target = self.buffers[self.turn] if self.static else None
