@@ -100,6 +100,8 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
 
     Returns ``(original, optimized, report, verifier)``.
     """
+    check_arguments(model=model, pipeline=pipeline, verify=verify, n_random=n_random, dump_ir=dump_ir,
+                    progress=progress, extra_inputs=extra_inputs)
     pm = get_plugin_manager()
     passes = resolve(pipeline, pm.passes)
     text = pipeline_text_of(pipeline, passes)
@@ -152,6 +154,48 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
     return original, optimized, report, verifier
 
 
+def check_arguments(**args: Any) -> None:
+    """Typed errors for the arguments of :func:`compile` / :func:`optimize` (what a user passes
+    wrongly first: a pipeline list of names, a bool given as a string, a negative count), each an
+    :class:`InputError` that says what to pass instead."""
+    from graphopt.passes.pipeline import PassSpec
+
+    def bad(name: str, want: str) -> InputError:
+        v = args[name]
+        return InputError(f"{name}={v!r} ({type(v).__name__}) is not valid: {want}")
+
+    model = args.get("model")
+    if model is None or not (isinstance(model, (torch.nn.Module, GraphIR, str, Path))):
+        raise bad("model", "pass a torch.nn.Module, a GraphIR, a checkpoint directory or 'path/to/file.py:factory'")
+    pipeline = args.get("pipeline")
+    if not (isinstance(pipeline, str) or (isinstance(pipeline, (list, tuple))
+                                           and all(isinstance(p, (str, PassSpec)) for p in pipeline))):
+        raise bad("pipeline", "pipeline text such as 'cleanup,fuse,kv-cache', or a list of PassSpec")
+    if isinstance(pipeline, (list, tuple)) and any(isinstance(p, str) for p in pipeline):
+        raise InputError(f"pipeline={pipeline!r} is a list of names; give the text "
+                         f"{','.join(str(p) for p in pipeline)!r} (or PassSpec objects)")
+    for flag in ("verify", "memory_check"):
+        if flag in args and not isinstance(args[flag], bool):
+            raise bad(flag, "True or False")
+    n = args.get("n_random")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise bad("n_random", "a non-negative int (fresh random input sets for verification)")
+    if "target" in args and not isinstance(args["target"], str):
+        raise bad("target", "a target name: 'onnx', 'torch' or 'tensorrt'")
+    for name in ("out", "dump_ir", "inputs"):
+        if args.get(name) is not None and not isinstance(args[name], (str, Path)):
+            raise bad(name, "a path (str or pathlib.Path)")
+    if "report" in args and args["report"] not in ("html", "json", None):
+        raise bad("report", "'html' (report.json + report.html), 'json' or None (report.json only)")
+    if args.get("target_options") is not None and not isinstance(args["target_options"], dict):
+        raise bad("target_options", "a dict of backend options, e.g. {'opset': 23}")
+    if args.get("progress") is not None and not callable(args["progress"]):
+        raise bad("progress", "a callable progress(event, **info), or None")
+    extra = args.get("extra_inputs")
+    if extra is not None and not (isinstance(extra, list) and all(isinstance(x, (list, tuple)) for x in extra)):
+        raise bad("extra_inputs", "a list of input sets, each a list of tensors in the graph's input order")
+
+
 def pipeline_text_of(pipeline: str, passes: list) -> str:
     return pipeline.strip() if isinstance(pipeline, str) else pipeline_text(pipeline)
 
@@ -184,6 +228,9 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
     """
     t_start = time.perf_counter()
     pm = get_plugin_manager()
+    check_arguments(model=model, pipeline=pipeline, verify=verify, n_random=n_random, dump_ir=dump_ir,
+                    progress=progress, target=target, out=out, report=report, inputs=inputs,
+                    target_options=target_options, memory_check=memory_check)
     backend = pm.backend(target)  # unknown target → error before any work
     passes = resolve(pipeline, pm.passes)  # unknown pass/option → error before capture
     if isinstance(model, (str, Path)):  # a checkpoint directory or path/to/file.py:factory (model_loader)

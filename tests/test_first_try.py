@@ -214,3 +214,26 @@ def test_a_wrong_cache_after_a_lossy_pass_is_still_caught():
     cached.recompile()
     res = decoding_equivalence(lossy, cached, [])
     assert not res["passed"], res["message"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"pipeline": ["cleanup", "kv-cache"]}, "is a list of names; give the text 'cleanup,kv-cache'"),
+    ({"pipeline": 3}, "pipeline text such as"),
+    ({"verify": "no"}, "True or False"),
+    ({"n_random": -1}, "non-negative int"),
+    ({"target": None}, "a target name"),
+    ({"out": 5}, "a path"),
+    ({"report": "pdf"}, "'html'"),
+    ({"target_options": "opset=23"}, "a dict of backend options"),
+    ({"progress": "yes"}, "a callable"),
+])
+def test_compile_arguments_are_checked(tmp_path, kwargs, match):
+    args = {"pipeline": "cleanup", "out": tmp_path / "a", **kwargs}
+    with pytest.raises(InputError, match=match):
+        graphopt.compile(_model("llama"), (_prompt(),), **args)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_model_that_is_not_a_module_is_an_input_error():
+    with pytest.raises(InputError, match="torch.nn.Module"):
+        graphopt.optimize(lambda x: x, (_prompt(),), "cleanup")
