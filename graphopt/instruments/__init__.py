@@ -97,7 +97,8 @@ def graphopt_after_pass(pass_, ir, result, ctx):
             ctx.data.pop("_pre_pass_ir", None)
             if rec is not None:
                 rec["verify"] = {"policy": (pass_.verification.describe() if pass_.verification else "allclose"),
-                                 "passed": True, "skipped": True, "error_vs_original": None, "error_vs_previous": 0.0,
+                                 "passed": True, "skipped": True, "error_vs_previous": 0.0,
+                                 **getattr(ctx.verifier, "last_record", {}),
                                  "message": "graph unchanged by the pass (same code and weights): the previous "
                                             "check stands", "time_s": 0.0}
         else:

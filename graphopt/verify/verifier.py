@@ -109,14 +109,12 @@ class _Float64Interpreter(torch.fx.Interpreter):
         return super().call_method(target, _up(args), {k: _up(v) for k, v in kwargs.items()})
 
 
-def run_float64(ir: GraphIR, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
-    try:
-        with torch.no_grad():
-            out = _Float64Interpreter(ir.graph_module).run(*[_up(x) for x in inputs])
-        return list(out) if isinstance(out, (tuple, list)) else [out]
-    except Exception as e:
-        log.debug("fp64 reference run failed (%s); falling back to fp32 reference", e)
-        return None
+def run_float64(ir: GraphIR, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The graph run with every float tensor promoted to float64. Raises what the run raises (an op
+    without a float64 kernel, say): the ``reference`` policy reports it and says which fallback it used."""
+    with torch.no_grad():
+        out = _Float64Interpreter(ir.graph_module).run(*[_up(x) for x in inputs])
+    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -186,12 +184,22 @@ class Verifier:
         self.baseline = self.original_outputs
         self._ref64: list[list[torch.Tensor]] | None = None
         self._ref64_done = False
+        #: error vs original (and what it was checked against) of the last graph that passed: a
+        #: pass that changes nothing inherits it (graphopt.instruments skips its check)
+        self.last_record: dict = {"error_vs_original": 0.0, "input_sets": len(input_sets)}
 
     def reference64(self) -> list[list[torch.Tensor]] | None:
+        """fp64 outputs of the original on every input set, computed once (weights promoted one op
+        at a time, never an fp64 copy of the model). A failure is kept and raised again."""
         if not self._ref64_done:
             self._ref64_done = True
-            refs = [run_float64(self.original, inp) for inp in self.input_sets]
-            self._ref64 = None if any(r is None for r in refs) else refs
+            try:
+                self._ref64 = [run_float64(self.original, inp) for inp in self.input_sets]
+            except Exception as e:  # noqa: BLE001 - kept and re-raised to every policy that asks
+                log.info("the fp64 reference run of the original failed: %s", e)
+                self._ref64_error = e
+        if getattr(self, "_ref64_error", None) is not None:
+            raise self._ref64_error
         return self._ref64
 
     def check(self, ir: GraphIR, policy: Policy, before: GraphIR | None = None) -> tuple[Outcome, dict]:
@@ -230,9 +238,10 @@ class Verifier:
 
             want, candidate = pad(want), pad(candidate)
             reference64 = lambda: None if self.reference64() is None else pad(self.reference64())  # noqa: E731
+        previous = None if lossy else (pad(self.previous) if mask else self.previous)
         ev = Evidence(output_names=names, original=want, candidate=candidate,
                       reference64=reference64, original_ir=self.original, candidate_ir=ir,
-                      inputs=self.input_sets)
+                      inputs=self.input_sets, previous=previous)
         outcome = policy.check(ev)
         same_arity = all(len(a) == len(b) for a, b in zip(self.original_outputs, candidate))
         orig_cmp, prev_cmp = self.original_outputs, self.previous
@@ -250,6 +259,9 @@ class Verifier:
                 self.baseline = candidate
         if self.baseline is not self.original_outputs and not lossy:
             record["checked_against"] = "the graph after the last lossy pass"
+        if outcome.passed:
+            self.last_record = {k: record[k] for k in ("error_vs_original", "input_sets", "checked_against")
+                                if k in record}
         return outcome, record
 
     def rebase(self, ir: GraphIR) -> None:
@@ -260,7 +272,7 @@ class Verifier:
         self.input_sets = make_verification_inputs(self.original, n_random=max(len(self.input_sets) - 1, 1))
         self.original_outputs = [self.original.run(inp) for inp in self.input_sets]
         self.previous = self.baseline = self.original_outputs
-        self._ref64, self._ref64_done = None, False
+        self._ref64, self._ref64_done, self._ref64_error = None, False, None
 
 
 def _finite(x: float | None) -> float | str | None:
