@@ -72,6 +72,11 @@ def test_single_prompt_kv_cache_with_nothing_declared(tmp_path, family):
     assert torch.equal(got, _greedy_reference(model, prompt, 12))
     two = torch.cat([prompt, _prompt(seed=8, length=5)])  # batch 2 from a batch-1 example
     assert torch.equal(eng.generate(two, max_new_tokens=6), _greedy_reference(model, two, 6))
+    # 2. generation past the compiled length is an error up front, never a silently shorter result
+    with pytest.raises(InputError, match="exceeds the 128 tokens"):
+        eng.generate(prompt, max_new_tokens=200)
+    cut = eng.generate(prompt, max_new_tokens=200, truncate=True)
+    assert cut.shape[1] == 128 and cut.stop_reason == "length"
 
 
 def test_batch_two_example_with_only_the_sequence_declared(tmp_path):
@@ -237,3 +242,28 @@ def test_compile_arguments_are_checked(tmp_path, kwargs, match):
 def test_a_model_that_is_not_a_module_is_an_input_error():
     with pytest.raises(InputError, match="torch.nn.Module"):
         graphopt.optimize(lambda x: x, (_prompt(),), "cleanup")
+
+
+# -- 3. verification without false alarms on real text ----------------------------------------
+def test_minilm_one_real_sentence_verifies_with_the_default_pipeline(tmp_path):
+    """Was: remove-noops (exact) failing on a 4.5e-8 difference with batch 1."""
+    from graphopt.model_loader import load_factory
+
+    model, ex, dyn = load_factory("samples/models/minilm.py:build", batch=1,
+                                  sentences=["The quick brown fox jumps over the lazy dog near the river bank."])
+    art = graphopt.compile(model, ex, "cleanup,fuse", out=tmp_path / "m", report=None)
+    assert art.report["verification"]["passed"] and art.report["lowering"]["verify"]["passed"]
+
+
+# -- 6. half-precision weights -----------------------------------------------------------------
+def test_bf16_decoder_with_kv_cache_on_the_default_target(tmp_path):
+    """Was: ONNX Runtime "Could not find an implementation for MatMul(13)", and kv-cache failing its
+    fp32 logit tolerance although the tokens were identical."""
+    model = _model("qwen2", seed=2).to(torch.bfloat16)
+    ids = _prompt(length=6)
+    art = graphopt.compile(model, (ids,), pipeline="cleanup,fuse,kv-cache", out=tmp_path / "b", report=None)
+    kv = art.report["passes"][-1]["verify"]
+    assert kv["passed"] and "bfloat16" in kv["message"], kv["message"]
+    assert art.manifest["payload"]["compute_dtype"] == "float32"
+    out = graphopt.load(art.path).generate(ids, max_new_tokens=8)
+    assert out.shape == (1, 14) and out.stop_reason == "max_new_tokens"
