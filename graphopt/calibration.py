@@ -124,7 +124,41 @@ def load_calibration(
                                "text file path, an .npz path, or an iterable of input dicts/tuples/tensors")
     if not rows:
         raise CalibrationError(f"calibration source {_describe(source)} holds no samples; give it at least one")
-    return _batch(rows, names, examples, batch_size, _describe(source))
+    cache = _cache_inputs(ir)
+    if not cache:
+        return _batch(rows, names, examples, batch_size, _describe(source))
+    # a kv-cache graph (calibrate after kv-cache): the text is a prefill, the cache starts empty
+    data_names = [n for n in names if n not in cache]
+    data_examples = [e for n, e in zip(names, examples) if n not in cache]
+    sets = _batch(rows, data_names, data_examples, batch_size, _describe(source))
+    out = []
+    for data in sets:
+        by_name = dict(zip(data_names, data))
+        b = int(data[0].shape[0])
+        out.append([by_name[n] if n in by_name else cache[n](b) for n in names])
+    return out
+
+
+def _cache_inputs(ir: GraphIR | None) -> dict[str, Any]:
+    """For a graph with a KV cache (``ir.meta["generation"]``): input name -> ``f(batch)`` giving its
+    prefill value (an empty dynamic cache, a zeroed static one, position 0)."""
+    gen = (ir.meta.get("generation") or {}) if ir is not None else {}
+    if not gen:
+        return {}
+    from graphopt.ir.graph_ir import dtype_from_name
+
+    specs = {s.name: s for s in ir.inputs}
+    makers: dict[str, Any] = {}
+    for name in gen.get("cache_inputs", []):
+        spec = specs[name]
+
+        def empty(b: int, spec=spec) -> torch.Tensor:
+            shape = [b if i == 0 else (0 if isinstance(d, str) else int(d)) for i, d in enumerate(spec.shape)]
+            return torch.zeros(shape, dtype=dtype_from_name(spec.dtype))
+        makers[name] = empty
+    if gen.get("cache_position"):
+        makers[gen["cache_position"]] = lambda b: torch.zeros(1, dtype=torch.int64)
+    return makers
 
 
 def fingerprint(sets: Sequence[Sequence[torch.Tensor]]) -> str:
