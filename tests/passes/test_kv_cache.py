@@ -119,9 +119,20 @@ def test_generate_matches_eager_greedy(tmp_path, llama, target, options):
 
 
 def test_refuses_graphs_without_canonical_attention():
+    from graphopt_kvcache.kv_cache import KVCache
+
     model, ex, dyn = _factory("hf_llama", attn_implementation="eager")
+    ir = graphopt.capture(model, ex, dyn)
     with pytest.raises(graphopt.PassError, match="needs canonical attention.*fuse-attention"):
-        graphopt.optimize(model, ex, "kv-cache", dynamic=dyn)
+        KVCache().requires(ir)
+
+
+def test_inserts_fuse_attention_when_the_pipeline_lacks_it():
+    model, ex, dyn = _factory("hf_llama", attn_implementation="eager")
+    _, ir, report, _ = graphopt.optimize(model, ex, "kv-cache", dynamic=dyn)
+    assert [r["name"] for r in report.passes] == ["fuse-attention", "kv-cache"]
+    assert "fuse-attention inserted before kv-cache (it needs it)" in report.data["notes"]
+    assert ir.meta["generation"]["kind"] == "kv-cache"
 
 
 def test_refuses_static_without_max_len():
@@ -130,9 +141,12 @@ def test_refuses_static_without_max_len():
 
 
 def test_refuses_a_static_sequence_dim(llama):
+    """compile/optimize add the dims kv-cache needs before capture; a graph captured without them
+    (a GraphIR given as it is) is refused."""
     model, ex, _ = llama
+    ir = graphopt.capture(model, ex)
     with pytest.raises(graphopt.PassError, match="dynamic sequence dim"):
-        graphopt.optimize(model, ex, "kv-cache")
+        graphopt.optimize(ir, None, "kv-cache")
 
 
 class _BiasedDecoder(torch.nn.Module):
