@@ -21,7 +21,7 @@ from graphopt.checkpoint import load_checkpoint
 from graphopt.cli import main
 from graphopt.errors import InputError, ModelLoadError
 
-CORPUS = Path("/work/shared/data/tinyshakespeare.txt")
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "max_position_embeddings": 256, "vocab_size": 512}

@@ -35,7 +35,7 @@ from tests.conftest import load_sample_model
 
 pytestmark = pytest.mark.slow
 
-CORPUS = Path("/work/shared/data/tinyshakespeare.txt")
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 REPO = Path(__file__).resolve().parent.parent
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 FUSE = "remove-noops,fold-constants,eliminate-common-subexpressions,eliminate-dead-code"

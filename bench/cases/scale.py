@@ -57,7 +57,7 @@ from bench.cases import Case
 from bench.harness import BASELINE, GRAPHOPT, PEER, BenchContext, CaseResult, SystemResult, summarize
 
 REPO = Path(__file__).resolve().parents[2]
-CORPUS = Path(os.environ.get("GRAPHOPT_DATA", "/work/shared/data")) / "tinyshakespeare.txt"
+CORPUS = Path(os.environ.get("GRAPHOPT_DATA", str(REPO.parent / "shared" / "data"))) / "tinyshakespeare.txt"
 GIB = float(1 << 30)
 
 #: The Qwen2.5-0.5B config.json (dtype set at write time).
