@@ -22,7 +22,7 @@ from graphopt.artifact import FORMAT, SCHEMA_VERSION, ArtifactWriter
 from graphopt.capture import capture, plan_dynamic
 from graphopt.errors import InputError, VerificationError
 from graphopt.ir.graph_ir import GraphIR
-from graphopt.memory import PhaseTracker
+from graphopt.memory import PhaseTracker, release_memory
 from graphopt.passes.base import PassContext
 from graphopt.passes.manager import PassManager
 from graphopt.passes.pipeline import pipeline_text, resolve
@@ -30,7 +30,7 @@ from graphopt.plugins import get_plugin_manager
 from graphopt.report import Report
 from graphopt.runtime.arrays import raw_bit_dtypes
 from graphopt.verify.policies import allclose
-from graphopt.verify.verifier import Verifier, make_verification_inputs
+from graphopt.verify.verifier import Verifier, describe_inputs, make_verification_inputs, verification_plan
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +130,18 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
         report.data["verification"]["enabled"] = verify
         verifier = None
         if verify:
-            sets = make_verification_inputs(original, n_random=n_random)
+            plan = verification_plan(original, n_random)
+            sets = make_verification_inputs(original, n_random=n_random, include_example=plan["include_example"],
+                                            step=plan["step"])
             if ir.user_example_inputs is not None:  # capture widened a size-1 dim: check the user's own
                 sets.append(list(ir.user_example_inputs))
             sets.extend(extra_inputs or [])
-            verifier = Verifier(original, sets)
+            verifier = Verifier(original, sets, plan)
+            checked = describe_inputs(sets, original.input_names)
+            if plan["large"]:
+                checked += (f" (a model of {original.param_count() / 1e9:.2f}B parameters: random sets one size "
+                            "step from the example's, the example itself is not rerun; more with n_random)")
+            report.data["verification"]["inputs"] = checked
         notes = list(ir.meta.get("capture_notes", []))
         if ir.meta.get("capture_widened"):
             notes.append(f"capture widened the example ({', '.join(ir.meta['capture_widened'])}): torch.export "
@@ -274,9 +281,22 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
                "files": lowered.files, "notes": lowered.notes, "verify": None}
         rep.data["lowering"] = low
         manifest = _manifest(optimized, original, target, lowered, rep, model_spec)
+        write_phase = tracker.start("write")
+        _save_examples(w.dir, optimized if (optimized.meta.get("lowering_check") or {}).get("against") == "optimized"
+                       else original, (optimized.meta.get("padding_removed") or {}).get("mask"))
+        _save_pass_files(w.dir, optimized, manifest)
+        from graphopt.memory import PhaseRecord
+
+        tracker.end(PhaseRecord("write"), write_phase)
         if verify and lowered.payload.get("runnable", True):
             with tracker.phase("verify:lower"):
-                low["verify"] = _verify_lowered(backend, w.dir, manifest, verifier, optimized.output_names, optimized)
+                check = LoweringCheck(backend, verifier, optimized)
+                # the torch graphs are done with: what only they hold (rewritten weights) goes
+                # before the runtime maps the artifact's weights (see LoweringCheck)
+                del optimized, ir, verifier
+                release_memory()
+                low["verify"] = _verify_lowered(backend, w.dir, manifest, check)
+                del check
             low["notes"] += [f"dynamic range narrowed: {n}" for n in low["verify"].get("narrowed", [])]
             if progress:
                 progress("lowered", record=low)
@@ -286,19 +306,12 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
                     f"the {target} artifact does not reproduce the original graph: {low['verify']['message']}\n"
                     f"  the optimized graph verified; the lowering to {target!r} changed the numerics. "
                     f"Report this with the pipeline {rep.data['pipeline']!r}", record=low["verify"])
-        write_phase = tracker.start("write")
-        _save_examples(w.dir, optimized if (optimized.meta.get("lowering_check") or {}).get("against") == "optimized"
-                       else original, (optimized.meta.get("padding_removed") or {}).get("mask"))
-        _save_pass_files(w.dir, optimized, manifest)
         if tokenizer:
             tok = Path(tokenizer)
             if not tok.is_file():
                 raise InputError(f"tokenizer file {tok} does not exist")
             shutil.copyfile(tok, w.dir / "tokenizer.json")
             manifest["tokenizer"] = "tokenizer.json"
-        from graphopt.memory import PhaseRecord
-
-        tracker.end(PhaseRecord("write"), write_phase)
         rep.finish()
         rep.data["total_time_s"] = round(time.perf_counter() - t_start, 4)
         rep.data["memory"] = tracker.summary()
@@ -408,15 +421,6 @@ def lowering_policy(backend, ir: GraphIR):
     return policy
 
 
-def _padding_view(policy, ir: GraphIR, input_sets: list, *output_sets: list) -> list:
-    """``output_sets`` with padded positions zeroed when ``policy`` compares real tokens only."""
-    from graphopt.verify.policies import zero_padding
-
-    if not policy.padding_mask:
-        return list(output_sets)
-    return [zero_padding(outs, input_sets, ir.input_names, policy.padding_mask) for outs in output_sets]
-
-
 def lowering_reference(verifier: Verifier, ir: GraphIR, inputs: list | None = None) -> list:
     """The outputs the lowered artifact must reproduce: the original graph's, unless a lossy pass
     verified by quality metrics (pruning) declared ``ir.meta["lowering_check"]["against"] =
@@ -428,36 +432,79 @@ def lowering_reference(verifier: Verifier, ir: GraphIR, inputs: list | None = No
     return [ir.run(inp) for inp in verifier.input_sets] if optimized else verifier.original_outputs
 
 
-def _verify_lowered(backend, path: Path, manifest: dict, verifier: Verifier | None, names: list[str],
-                    ir: GraphIR) -> dict:
+class LoweringCheck:
+    """What the lowered artifact is checked against, computed on the torch side BEFORE its runtime
+    session opens: the reference outputs on the verifier's input sets (and their fp64 run when the
+    policy asks for one), and the probes at the smallest size of every dynamic dim with the
+    reference's outputs there. Once prepared, the compile drops its torch graphs (the optimized
+    one and the verifier's, whose rewritten weights, e.g. merge-gemms' stacked ones, only they
+    hold) so that the session's copy of the weights never lives beside them."""
+
+    def __init__(self, backend, verifier: Verifier, ir: GraphIR):
+        from graphopt.verify.verifier import inputs_with_sizes, run_float64
+
+        self.policy = lowering_policy(backend, ir)
+        self.names = list(ir.output_names)
+        self.input_names = list(ir.input_names)
+        self.input_sets = verifier.input_sets
+        want = lowering_reference(verifier, ir)
+        self.want = [[t.detach() for t in outs] for outs in want]
+        self.ref64 = verifier.reference64() if self.policy.needs_reference64 else None
+        labels: dict[str, tuple[int, int]] = {}
+        for spec in ir.inputs:
+            for d, rng in spec.dynamic.items():
+                if isinstance(spec.shape[d], str):
+                    labels.setdefault(spec.shape[d], rng)
+        #: (label, size, inputs, reference outputs or the exception the reference raised, fp64 outputs)
+        self.probes: list[tuple[str, int, list, Any, Any]] = []
+        for label, (lo, hi) in labels.items():
+            for size in range(lo, min(lo + 2, hi) + 1):
+                inputs = inputs_with_sizes(ir, {label: size}, seed=size)
+                try:
+                    ref = lowering_reference(verifier, ir, inputs)
+                except Exception as e:  # noqa: BLE001 - judged by the probe (a refused size, or raised)
+                    ref, ref64 = e, None
+                else:
+                    ref64 = run_float64(verifier.original, inputs) if self.policy.needs_reference64 else None
+                self.probes.append((label, size, inputs, ref, ref64))
+
+    def views(self, input_sets: list, *output_sets: list) -> list:
+        from graphopt.verify.policies import zero_padding
+
+        if not self.policy.padding_mask:
+            return list(output_sets)
+        return [zero_padding(outs, input_sets, self.input_names, self.policy.padding_mask) for outs in output_sets]
+
+
+def _verify_lowered(backend, path: Path, manifest: dict, check: LoweringCheck) -> dict:
     load = getattr(backend, "load_for_verification", None) or backend.load  # backends not derived from Backend
     runner = load(path, manifest)
     try:
-        policy = lowering_policy(backend, ir)
         from graphopt.verify.policies import Evidence, max_abs_error
 
-        candidate = [runner.run(inp) for inp in verifier.input_sets]
+        policy, names = check.policy, check.names
+        candidate = [runner.run(inp) for inp in check.input_sets]
         candidate = [[t.detach().cpu() for t in outs] for outs in candidate]
-        want = lowering_reference(verifier, ir)
-        want, candidate = _padding_view(policy, ir, verifier.input_sets, want, candidate)
-        ref64 = verifier.reference64
-        if policy.padding_mask:
-            ref64 = lambda: None if verifier.reference64() is None else _padding_view(  # noqa: E731
-                policy, ir, verifier.input_sets, verifier.reference64())[0]
-        ev = Evidence(output_names=names, original=want, candidate=candidate, reference64=ref64)
+        want, candidate = check.views(check.input_sets, check.want, candidate)
+        ref64 = None
+        if check.ref64 is not None:
+            ref64 = check.views(check.input_sets, check.ref64)[0]
+        ev = Evidence(output_names=names, original=want, candidate=candidate,
+                      reference64=(lambda: ref64) if policy.needs_reference64 else None)
         outcome = policy.check(ev)
         err = max_abs_error(want, candidate, names)[0]  # vs what it must reproduce (the pruned graph after pruning)
         record = {"policy": policy.label(), "passed": outcome.passed, "message": outcome.message,
                   "error_vs_original": err, "worst_output": outcome.worst_output,
-                  "input_sets": len(verifier.input_sets)}
+                  "input_sets": len(check.input_sets),
+                  "inputs": [[list(t.shape) for t in inp] for inp in check.input_sets]}
         if outcome.passed:
-            record["narrowed"] = _probe_minimum_sizes(runner, verifier, ir, manifest, policy)
+            record["narrowed"] = _probe_minimum_sizes(runner, check, manifest)
         return record
     finally:
         runner.close()
 
 
-def _probe_minimum_sizes(runner, verifier: Verifier, ir: GraphIR, manifest: dict, policy) -> list[str]:
+def _probe_minimum_sizes(runner, check: LoweringCheck, manifest: dict) -> list[str]:
     """Run the lowered program at the smallest size of each dynamic dim. A program that refuses a
     size (torch.export guards such as ``batch != 1``) or gets it wrong has that dim's minimum raised
     in the manifest, so the Engine rejects such inputs with a clear message instead of failing
@@ -471,7 +518,8 @@ def _probe_minimum_sizes(runner, verifier: Verifier, ir: GraphIR, manifest: dict
     which probe it happened in, rather than quietly shrinking the artifact's range."""
     from graphopt.errors import GraphoptError
     from graphopt.verify.policies import Evidence
-    from graphopt.verify.verifier import inputs_with_sizes, run_float64
+
+    policy = check.policy
 
     def refuses_size(e: BaseException) -> bool:
         if isinstance(e, InputError):
@@ -485,45 +533,39 @@ def _probe_minimum_sizes(runner, verifier: Verifier, ir: GraphIR, manifest: dict
     def why(e: BaseException) -> str:
         return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:300]
 
-    labels: dict[str, tuple[int, int]] = {}
-    for spec in ir.inputs:
-        for d, rng in spec.dynamic.items():
-            if isinstance(spec.shape[d], str):
-                labels.setdefault(spec.shape[d], rng)
-    narrowed = []
-    for label, (lo, hi) in labels.items():
-        for size in range(lo, min(lo + 2, hi) + 1):
-            inputs = inputs_with_sizes(ir, {label: size}, seed=size)
-            probe = f"while graphopt ran the lowered program at {label} = {size} (the smallest sizes it is checked at)"
-            try:
-                got = [t.detach().cpu() for t in runner.run(inputs)]
-            except Exception as e:
-                if not refuses_size(e):
-                    e.add_note(probe)
-                    raise
-                narrowed.append(f"{label} >= {size + 1} (the lowered program rejects {label} = {size}: {why(e)})")
+    narrowed, done = [], set()
+    for label, size, inputs, want, want64 in check.probes:
+        if label in done:
+            continue
+        probe = f"while graphopt ran the lowered program at {label} = {size} (the smallest sizes it is checked at)"
+        try:
+            got = [t.detach().cpu() for t in runner.run(inputs)]
+        except Exception as e:
+            if not refuses_size(e):
+                e.add_note(probe)
+                raise
+            narrowed.append(f"{label} >= {size + 1} (the lowered program rejects {label} = {size}: {why(e)})")
+        else:
+            if isinstance(want, BaseException):
+                if not refuses_size(want):
+                    want.add_note(f"while graphopt ran the original graph at {label} = {size} to check the lowered program")
+                    raise want
+                narrowed.append(f"{label} >= {size + 1} (the original graph itself fails at {label} = {size}: "
+                                f"{why(want)})")
             else:
-                try:
-                    want = lowering_reference(verifier, ir, inputs)
-                except Exception as e:
-                    if not refuses_size(e):
-                        e.add_note(f"while graphopt ran the original graph at {label} = {size} to check the lowered program")
-                        raise
-                    narrowed.append(f"{label} >= {size + 1} (the original graph itself fails at {label} = {size}: "
-                                    f"{why(e)})")
-                else:
-                    want, got_ = _padding_view(policy, ir, [inputs], [want], [got])
-                    outcome = policy.check(Evidence(ir.output_names, want, got_,
-                                                    reference64=lambda inputs=inputs: _padding_view(
-                                                        policy, ir, [inputs], [run_float64(verifier.original, inputs)])[0]))
-                    if outcome.passed:
-                        break
-                    narrowed.append(f"{label} >= {size + 1} (the lowered program computes {label} = {size} wrong: "
-                                    f"{policy.label()}: {outcome.message})")
-            for spec in manifest["inputs"]:
-                for d, rng in spec["dynamic"].items():
-                    if spec["shape"][int(d)] == label and rng[0] <= size:
-                        rng[0] = size + 1
+                want_, got_ = check.views([inputs], [want], [got])
+                ref64 = check.views([inputs], [want64])[0] if want64 is not None else None
+                outcome = policy.check(Evidence(check.names, want_, got_,
+                                                reference64=(lambda ref64=ref64: ref64) if want64 is not None else None))
+                if outcome.passed:
+                    done.add(label)
+                    continue
+                narrowed.append(f"{label} >= {size + 1} (the lowered program computes {label} = {size} wrong: "
+                                f"{policy.label()}: {outcome.message})")
+        for spec in manifest["inputs"]:
+            for d, rng in spec["dynamic"].items():
+                if spec["shape"][int(d)] == label and rng[0] <= size:
+                    rng[0] = size + 1
     return narrowed
 
 

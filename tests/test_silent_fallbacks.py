@@ -170,11 +170,14 @@ class _Runner:
 
 
 def _probe(probe_case, runner):
-    from graphopt.compiler import _probe_minimum_sizes
+    from graphopt.backends.onnx import OnnxBackend
+    from graphopt.compiler import LoweringCheck, _probe_minimum_sizes
 
     ir, verifier = probe_case
     manifest = {"inputs": [s.to_json() for s in ir.inputs]}
-    notes = _probe_minimum_sizes(runner, verifier, ir, manifest, graphopt.verify.allclose(1e-5, 1e-5))
+    check = LoweringCheck(OnnxBackend(), verifier, ir)
+    check.policy = graphopt.verify.allclose(1e-5, 1e-5)
+    notes = _probe_minimum_sizes(runner, check, manifest)
     return notes, manifest["inputs"][0]["dynamic"]["0"]
 
 

@@ -498,6 +498,53 @@ def test_random_sets_are_deterministic_per_seed(lm_ir):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_large_models_verify_on_one_small_random_set(lm_ir, monkeypatch):
+    """Every check is a forward of the whole model per set: from LARGE_MODEL_PARAMS on, the example
+    is not rerun and the random set stays one size step from it (and a rebase keeps the plan)."""
+    from graphopt.verify import verifier as vmod
+
+    assert vmod.verification_plan(lm_ir, 1) == {"include_example": True, "step": 3, "n_random": 1, "large": False}
+    monkeypatch.setattr(vmod, "LARGE_MODEL_PARAMS", 1)
+    plan = vmod.verification_plan(lm_ir, 1)
+    assert plan["large"] and not plan["include_example"] and plan["step"] == 1
+    sets = make_verification_inputs(lm_ir, n_random=1, include_example=False, step=1)
+    assert len(sets) == 1 and tuple(sets[0][0].shape) == (3, 7)        # example (2, 6): one step up
+    v = Verifier(lm_ir, sets, plan)
+    v.rebase(lm_ir.copy())
+    assert len(v.input_sets) == 1 and tuple(v.input_sets[0][0].shape) == (3, 7)
+    text = vmod.describe_inputs(sets, lm_ir.input_names)
+    assert text == "1 input set: input_ids [3, 7], attention_mask [3, 7], features [3, 7, 8]"
+
+
+def test_compile_reports_the_light_plan_on_large_models(monkeypatch, tmp_path):
+    from graphopt.verify import verifier as vmod
+
+    monkeypatch.setattr(vmod, "LARGE_MODEL_PARAMS", 1)
+    art = graphopt.compile(LMish(), {"input_ids": torch.randint(10, 20, (2, 6)),
+                                     "attention_mask": torch.ones(2, 6, dtype=torch.long),
+                                     "features": torch.randn(2, 6, 8)},
+                           "cleanup", out=tmp_path / "a", report=None,
+                           dynamic={n: {0: (1, 4), 1: (2, 12)} for n in ("input_ids", "attention_mask", "features")})
+    text = art.report["verification"]["inputs"]
+    assert text.startswith("1 input set: input_ids [3, 7]") and "parameters: random sets one size step" in text
+    low = art.report["lowering"]["verify"]
+    assert low["passed"] and low["inputs"] == [[[3, 7], [3, 7], [3, 7, 8]]]
+
+
+def test_the_lowering_check_holds_no_graph(lm_ir):
+    """Its references are computed before the runtime session opens, so the compile can drop the
+    torch graphs (and the weights only they hold) first."""
+    from graphopt.backends.onnx import OnnxBackend
+    from graphopt.compiler import LoweringCheck
+
+    check = LoweringCheck(OnnxBackend(), Verifier(lm_ir, make_verification_inputs(lm_ir, n_random=1)), lm_ir)
+    held = [v for v in vars(check).values() if isinstance(v, (graphopt.GraphIR, torch.nn.Module, Verifier))]
+    assert held == []
+    assert {(label, size) for label, size, *_ in check.probes} == {("batch", 1), ("batch", 2), ("batch", 3),
+                                                                   ("seq", 2), ("seq", 3), ("seq", 4)}
+    assert all(isinstance(p[3], list) for p in check.probes)
+
+
 def test_static_inputs_keep_their_shape():
     class F(torch.nn.Module):
         def forward(self, x, flag):

@@ -496,12 +496,36 @@ def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None) -> on
                 rename[name] = dim_label(spec.name, d, spec.shape[d])
     if rename:
         program.rename_axes(rename)
-    if staging is None:
-        return program.model_proto
-    staging.mkdir(parents=True, exist_ok=True)
-    program.save(str(staging / "export.onnx"), external_data=True)
-    del program
-    return onnx.load(str(staging / "export.onnx"), load_external_data=False)
+    try:
+        if staging is None:
+            return program.model_proto
+        staging.mkdir(parents=True, exist_ok=True)
+        program.save(str(staging / "export.onnx"), external_data=True)
+        return onnx.load(str(staging / "export.onnx"), load_external_data=False)
+    finally:
+        _drop_torch_weights(program)
+
+
+def _drop_torch_weights(program: Any) -> None:
+    """Unlink the exporter's ONNX graphs from the torch weight tensors they wrap, which are the
+    optimized graph's (merge-gemms' stacked weights, say): the compile frees those before its ONNX
+    Runtime check. onnxscript's rewrite rules are module-level objects whose matchers keep the
+    last node and graph they looked at (``_current_node``, ``_graph``: onnxscript 0.7), and so the
+    whole exported graph with its weights, after the export returns; that state is cleared here."""
+    import gc
+
+    for graph in (program.model.graph, *program.model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            value.const_value = None
+    try:
+        from onnxscript.rewriter._matcher import PatternMatcher
+    except ImportError:  # another onnxscript layout: nothing known to clear
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, PatternMatcher):
+            for attr in ("_current_node", "_graph", "_match", "_tracer"):
+                if getattr(obj, attr, None) is not None:
+                    setattr(obj, attr, None)
 
 
 def ir_weight_bytes(ir: GraphIR) -> int:

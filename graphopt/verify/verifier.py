@@ -20,14 +20,40 @@ from graphopt.verify.policies import Evidence, Outcome, Policy, max_abs_error
 log = logging.getLogger(__name__)
 
 
-def make_verification_inputs(ir: GraphIR, n_random: int = 1, seed: int = 0) -> list[list[torch.Tensor]]:
-    """The example inputs plus ``n_random`` fresh random sets (never zeros).
+#: parameters from which verification runs the light plan (see :func:`verification_plan`)
+LARGE_MODEL_PARAMS = 200_000_000
 
-    Random sets vary every dynamic dim within its range (so dynamic shapes are exercised), draw
-    token-like integer inputs from the example's value range, keep mask-like inputs (only 0/1
-    values) as all-ones, and draw float inputs from a normal with the example's mean and std.
+
+def verification_plan(ir: GraphIR, n_random: int = 1) -> dict[str, Any]:
+    """How many and which inputs verification runs every checked graph on. Every check is a
+    forward of the whole model per input set, so on large models (``LARGE_MODEL_PARAMS`` and up)
+    the sets are kept small: the ``n_random`` random sets only (the example's own sizes are what
+    capture traced; a random set at other sizes exercises the dynamic dims), each dynamic dim one
+    step away from the example's size instead of three. Small models: the example plus the random
+    sets, dims three steps away."""
+    large = ir.param_count() >= LARGE_MODEL_PARAMS
+    return {"include_example": not large or n_random == 0, "step": 1 if large else 3, "n_random": n_random,
+            "large": large}
+
+
+def describe_inputs(sets: list[list[torch.Tensor]], names: list[str]) -> str:
+    """``2 input sets: input_ids [2, 16], attention_mask [2, 16]; input_ids [5, 19], ...``"""
+    shapes = "; ".join(", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, inp) if isinstance(t, torch.Tensor))
+                       for inp in sets)
+    return f"{len(sets)} input set{'s' if len(sets) != 1 else ''}: {shapes}"
+
+
+def make_verification_inputs(ir: GraphIR, n_random: int = 1, seed: int = 0, *, include_example: bool = True,
+                             step: int = 3) -> list[list[torch.Tensor]]:
+    """The example inputs (unless ``include_example=False``) plus ``n_random`` fresh random sets
+    (never zeros).
+
+    Random sets vary every dynamic dim within its range (so dynamic shapes are exercised: ``step``
+    more or fewer than the example, else one more, else the range's ends), draw token-like integer
+    inputs from the example's value range, keep mask-like inputs (only 0/1 values) as all-ones, and
+    draw float inputs from a normal with the example's mean and std.
     """
-    sets = [list(ir.example_inputs)]
+    sets = [list(ir.example_inputs)] if include_example else []
     g = torch.Generator().manual_seed(seed)
     for k in range(n_random):
         sizes: dict[str, int] = {}
@@ -36,7 +62,8 @@ def make_verification_inputs(ir: GraphIR, n_random: int = 1, seed: int = 0) -> l
                 label = spec.shape[d] if isinstance(spec.shape[d], str) else f"{spec.name}.{d}"
                 if label not in sizes:
                     cur = int(ex.shape[d])
-                    choices = [s for s in (cur + 3 + k, cur - 3 - k, cur + 1, hi, lo) if lo <= s <= hi and s != cur and s >= 2]
+                    choices = [s for s in (cur + step + k, cur - step - k, cur + 1, hi, lo)
+                               if lo <= s <= hi and s != cur and s >= 2]
                     sizes[label] = choices[0] if choices else cur
         new = []
         for spec, ex in zip(ir.inputs, ir.example_inputs):
@@ -173,9 +200,11 @@ def _describe(n: torch.fx.Node, why: str, err: float | None) -> dict:
 class Verifier:
     """Holds the original graph's outputs on the verification inputs; checks candidates."""
 
-    def __init__(self, original: GraphIR, input_sets: list[list[torch.Tensor]]):
+    def __init__(self, original: GraphIR, input_sets: list[list[torch.Tensor]], plan: dict[str, Any] | None = None):
         self.original = original
         self.input_sets = input_sets
+        #: how the sets were made (:func:`verification_plan`): a rebase makes its new sets the same way
+        self.plan = plan or {"include_example": True, "step": 3, "n_random": max(len(input_sets) - 1, 1)}
         self.original_outputs = [original.run(inp) for inp in input_sets]
         self.previous = self.original_outputs
         # After a lossy pass (a Metric policy: pruning, quantization) has been accepted, later
@@ -269,7 +298,9 @@ class Verifier:
         compared with that pass's graph: the equivalence proof links it to the original."""
         log.info("verification now compares with the graph after the calling-convention change")
         self.original = ir.copy()
-        self.input_sets = make_verification_inputs(self.original, n_random=max(len(self.input_sets) - 1, 1))
+        self.input_sets = make_verification_inputs(self.original, n_random=max(self.plan["n_random"], 1),
+                                                   include_example=self.plan["include_example"],
+                                                   step=self.plan["step"])
         self.original_outputs = [self.original.run(inp) for inp in self.input_sets]
         self.previous = self.baseline = self.original_outputs
         self._ref64, self._ref64_done, self._ref64_error = None, False, None

@@ -57,7 +57,7 @@ def test_interface_and_ops(llama_cached):
     assert ops["aten.cat"] >= 2 * layers + 1  # K and V per layer, plus the padding mask
     rec = report.passes[-1]
     assert rec["stats"]["gqa"] == layers and rec["verify"]["passed"]
-    assert "greedy tokens checked over 2 prompt batches" in rec["verify"]["message"]
+    assert "next-token predictions checked over 1 prompt batch (32 decoding steps each" in rec["verify"]["message"]
 
 
 @pytest.mark.parametrize("name, attn, pipeline", [
