@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -499,8 +500,13 @@ def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None) -> on
     try:
         if staging is None:
             return program.model_proto
+        import onnx_ir
+
         staging.mkdir(parents=True, exist_ok=True)
-        program.save(str(staging / "export.onnx"), external_data=True)
+        # the weights go to their final file name, 4 KiB-aligned: when the passes after this leave
+        # them as they are, write_with_external_data moves the file instead of copying it
+        onnx_ir.save(program.model, str(staging / "export.onnx"), external_data=DATA_FILE, alignment=4096,
+                     max_in_flight_bytes=256 << 20)
         return onnx.load(str(staging / "export.onnx"), load_external_data=False)
     finally:
         _drop_torch_weights(program)
@@ -561,6 +567,25 @@ def write_with_external_data(model: onnx.ModelProto, src_dir: Path | None, path:
         tensor.data_location = onnx.TensorProto.EXTERNAL
 
     data_path = path.parent / data_name
+    if src_dir is not None and _reuse_external_file(model, Path(src_dir) / data_name, data_name, align):
+        # the source file is already laid out as wanted (aligned, nothing unreferenced): move it,
+        # then append what the protobuf holds
+        os.replace(Path(src_dir) / data_name, data_path)
+        written = data_path.stat().st_size
+        with open(data_path, "ab") as out:
+            for tensor in _all_tensors(model):
+                if tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.HasField("raw_data") \
+                        and len(tensor.raw_data) >= threshold:
+                    pad = (-written) % align
+                    out.write(b"\0" * pad)
+                    written += pad
+                    raw = tensor.raw_data
+                    out.write(raw)
+                    tensor.ClearField("raw_data")
+                    set_external_data(tensor, data_name, offset=written, length=len(raw))
+                    written += len(raw)
+        onnx.save_model(model, str(path))
+        return written
     written = 0
     with open(data_path, "wb") as out:
         for tensor in _all_tensors(model):
@@ -597,6 +622,29 @@ def write_with_external_data(model: onnx.ModelProto, src_dir: Path | None, path:
     if written == 0:
         data_path.unlink(missing_ok=True)
     return written
+
+
+def _reuse_external_file(model: onnx.ModelProto, src: Path, data_name: str, align: int) -> bool:
+    """Whether ``src`` can become the artifact's data file as it is: every external initializer
+    points into it (under ``data_name``), the large ones at ``align``-ed offsets, and they
+    reference at least 90 % of its bytes (a pass that replaced weights, int4 packing say, leaves
+    dead ranges: then the data is copied compactly instead)."""
+    import onnx
+
+    if not src.is_file():
+        return False
+    referenced = 0
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        ext = {e.key: e.value for e in tensor.external_data}
+        if ext.get("location") != data_name:
+            return False
+        offset, length = int(ext.get("offset", 0)), int(ext.get("length", 0))
+        if length >= (1 << 20) and offset % align:
+            return False
+        referenced += length
+    return referenced >= 0.9 * src.stat().st_size
 
 
 def _all_tensors(model: onnx.ModelProto):

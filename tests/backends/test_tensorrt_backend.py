@@ -329,7 +329,6 @@ def test_runner_context_pool_never_shares_a_profile_copy():
     hands each concurrent call a context bound to its own copy of the profile, and waits for one
     when every copy is busy."""
     import threading
-    import time
 
     from graphopt.runtime.tensorrt_runner import TensorRTRunner
 
@@ -363,11 +362,14 @@ def test_runner_context_pool_never_shares_a_profile_copy():
             held.add(item[0].physical)
             seen.add(item[0].physical)
             peak[0] = max(peak[0], len(held))
-        time.sleep(0.002)
+        # hold it until four calls hold copies at once (two per profile, all the pool has), so
+        # every copy is used whatever the scheduling (a short sleep was flaky on a loaded machine)
+        rendezvous.wait()
         with lock:
             held.discard(item[0].physical)
         runner._release(profile, item)
 
+    rendezvous = threading.Barrier(4, timeout=30)
     threads = [threading.Thread(target=call, args=(i % 2,)) for i in range(40)]
     for t in threads:
         t.start()
