@@ -156,7 +156,11 @@ class OnnxBackend(Backend):
     2.13; default: the exporter's default, or the opset of the graph's fused ops when higher: 23
     for ``scaled_dot_product_attention`` → ``Attention``, see :func:`resolve_opset`), ``external_data`` (``"auto"``, ``True``,
     ``False``), ``bfloat16`` (``"float32"``: compute a bf16 graph in float32, the default, since
-    ONNX Runtime's CPU provider has no bf16 kernels; ``"keep"``: write it in bf16).
+    ONNX Runtime's CPU provider has no bf16 kernels; ``"keep"``: write it in bf16),
+    ``exporter_optimizer`` (``"light"``, the default: the onnxscript optimizer's constant folding
+    and clean-ups without its pattern rewriter, which is pure Python and grows with graph size x
+    rules (50 s of a 0.5B model's lowering) for a few reshapes ONNX Runtime and TensorRT remove
+    anyway; ``"full"``: torch.onnx's own ``optimize=True``).
     Options (``load``): ``providers`` (onnxruntime execution providers, in order),
     ``threads`` (intra-op threads), ``spinning`` and ``disabled_optimizers`` (see
     :class:`~graphopt.runtime.onnx_runner.OnnxRuntimeRunner`).
@@ -171,6 +175,10 @@ class OnnxBackend(Backend):
         out_dir.mkdir(parents=True, exist_ok=True)
         opset = resolve_opset(options.get("opset"), ir)
         bf16 = options.get("bfloat16", "float32")
+        optimizer = options.get("exporter_optimizer", "light")
+        if optimizer not in ("light", "full"):
+            raise BackendError(f"onnx option exporter_optimizer={optimizer!r} is not valid; use 'light' (the "
+                               "default) or 'full' (torch.onnx's optimize=True, slower on large graphs)")
         if bf16 not in ("float32", "keep"):
             raise BackendError(f"onnx option bfloat16={bf16!r} is not valid; use 'float32' (compute a bfloat16 "
                                "graph in float32: ONNX Runtime's CPU provider has no bfloat16 kernels) or 'keep'")
@@ -189,7 +197,7 @@ class OnnxBackend(Backend):
         try:
             ep = export_program(ir)
             t1 = time.perf_counter()
-            model = to_onnx(ep, ir, opset, staging=staging)
+            model = to_onnx(ep, ir, opset, staging=staging, optimizer=optimizer)
             del ep
             t2 = time.perf_counter()
             model = _cleanup(model, ir, base_dir=staging)
@@ -453,7 +461,7 @@ def ir_version_for(opset: int) -> int:
 
 
 # -- export ---------------------------------------------------------------------------------------
-def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None) -> onnx.ModelProto:
+def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None, optimizer: str = "light") -> onnx.ModelProto:
     """``torch.onnx.export`` of an ExportedProgram, quietly; symbolic dims renamed to the IR's labels.
 
     With ``staging`` (a directory), the program is saved there as ``export.onnx`` with its weights
@@ -472,8 +480,10 @@ def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None) -> on
             warnings.simplefilter("ignore")
             # An ExportedProgram is translated as it is: args and dynamic_shapes are not used.
             program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False,
-                                        optimize=True, report=False, verify=False,
+                                        optimize=optimizer == "full", report=False, verify=False,
                                         custom_translation_table=translation_table(opset) or None)
+            if optimizer == "light":
+                _optimize_light(program.model)
     except Exception as e:
         raise BackendError(f"torch.onnx could not translate the graph to ONNX opset {opset}: "
                            f"{type(e).__name__}: {_first_line(str(e))}\nhint: an op without an ONNX "
@@ -510,6 +520,32 @@ def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None) -> on
         return onnx.load(str(staging / "export.onnx"), load_external_data=False)
     finally:
         _drop_torch_weights(program)
+
+
+def _optimize_light(model: Any) -> None:
+    """torch.onnx's ``optimize=True`` (onnxscript's ``optimize_ir`` + its opset-23 fusions) without
+    the pattern rewriter: inlining, constant folding, unused-node removal, constant lifting,
+    initializer deduplication, CSE, name fixes. The rewriter's rules (no-op Mul/Add/Cast, reshape
+    and transpose chains) only tidy the exporter's shape plumbing, which ONNX Runtime's and
+    TensorRT's own graph optimizations remove too; its pure-Python matching dominated the lowering
+    of large graphs."""
+    import onnx_ir
+    import onnx_ir.passes.common as common
+    import onnxscript.rewriter.onnx_fusions
+    from onnxscript.optimizer import _constant_folding as folding
+
+    loop = onnx_ir.passes.PassManager(
+        [folding.FoldConstantsPass(shape_inference=True, input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                                   output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
+         common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()],
+        steps=2, early_stop=True)
+    onnx_ir.passes.Sequential(
+        common.InlinePass(), loop, common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(), common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(), common.OutputFixPass(), common.NameFixPass(),
+    )(model)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
 def _drop_torch_weights(program: Any) -> None:
