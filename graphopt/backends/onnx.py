@@ -602,6 +602,17 @@ def write_with_external_data(model: onnx.ModelProto, src_dir: Path | None, path:
             tensor.external_data.add(key=key, value=value)
         tensor.data_location = onnx.TensorProto.EXTERNAL
 
+    def append_raw(out, tensor, written: int) -> int:
+        """Write an initializer held in the protobuf at the next aligned offset; empty it."""
+        pad = (-written) % align
+        out.write(b"\0" * pad)
+        written += pad
+        raw = tensor.raw_data
+        out.write(raw)
+        tensor.ClearField("raw_data")
+        set_external_data(tensor, data_name, offset=written, length=len(raw))
+        return written + len(raw)
+
     data_path = path.parent / data_name
     if src_dir is not None and _reuse_external_file(model, Path(src_dir) / data_name, data_name, align):
         # the source file is already laid out as wanted (aligned, nothing unreferenced): move it,
@@ -612,14 +623,7 @@ def write_with_external_data(model: onnx.ModelProto, src_dir: Path | None, path:
             for tensor in _all_tensors(model):
                 if tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.HasField("raw_data") \
                         and len(tensor.raw_data) >= threshold:
-                    pad = (-written) % align
-                    out.write(b"\0" * pad)
-                    written += pad
-                    raw = tensor.raw_data
-                    out.write(raw)
-                    tensor.ClearField("raw_data")
-                    set_external_data(tensor, data_name, offset=written, length=len(raw))
-                    written += len(raw)
+                    written = append_raw(out, tensor, written)
         onnx.save_model(model, str(path))
         return written
     written = 0
@@ -646,14 +650,7 @@ def write_with_external_data(model: onnx.ModelProto, src_dir: Path | None, path:
                 set_external_data(tensor, data_name, offset=written, length=length)
                 written += length
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
-                pad = (-written) % align
-                out.write(b"\0" * pad)
-                written += pad
-                raw = tensor.raw_data
-                out.write(raw)
-                tensor.ClearField("raw_data")
-                set_external_data(tensor, data_name, offset=written, length=len(raw))
-                written += len(raw)
+                written = append_raw(out, tensor, written)
     onnx.save_model(model, str(path))
     if written == 0:
         data_path.unlink(missing_ok=True)
