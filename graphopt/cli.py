@@ -57,6 +57,8 @@ class _Progress:
             else:
                 print(f"[{kw['name']}] done in {kw['time_s']:.2f}s, rss {kw['rss_gib']:.2f} GiB "
                       f"(peak {kw['peak_rss_gib']:.2f}), {kw['elapsed_s']:.1f}s elapsed", file=sys.stderr, flush=True)
+        elif event == "verification_inputs":
+            print(f"[verify:setup] every check runs on {kw['text']}", file=sys.stderr, flush=True)
         elif event == "lower":
             pass  # the "lower" phase lines say it, with time and memory
         elif event == "calibrate":  # graphopt-quant: observing calibration batches

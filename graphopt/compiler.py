@@ -142,6 +142,8 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
                 checked += (f" (a model of {original.param_count() / 1e9:.2f}B parameters: random sets one size "
                             "step from the example's, the example itself is not rerun; more with n_random)")
             report.data["verification"]["inputs"] = checked
+            if progress:
+                progress("verification_inputs", text=checked)
         notes = list(ir.meta.get("capture_notes", []))
         if ir.meta.get("capture_widened"):
             notes.append(f"capture widened the example ({', '.join(ir.meta['capture_widened'])}): torch.export "

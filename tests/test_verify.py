@@ -520,12 +520,14 @@ def test_compile_reports_the_light_plan_on_large_models(monkeypatch, tmp_path):
     from graphopt.verify import verifier as vmod
 
     monkeypatch.setattr(vmod, "LARGE_MODEL_PARAMS", 1)
+    events = []
     art = graphopt.compile(LMish(), {"input_ids": torch.randint(10, 20, (2, 6)),
                                      "attention_mask": torch.ones(2, 6, dtype=torch.long),
                                      "features": torch.randn(2, 6, 8)},
-                           "cleanup", out=tmp_path / "a", report=None,
+                           "cleanup", out=tmp_path / "a", report=None, progress=lambda e, **kw: events.append((e, kw)),
                            dynamic={n: {0: (1, 4), 1: (2, 12)} for n in ("input_ids", "attention_mask", "features")})
     text = art.report["verification"]["inputs"]
+    assert ("verification_inputs", {"text": text}) in events      # the CLI prints it
     assert text.startswith("1 input set: input_ids [3, 7]") and "parameters: random sets one size step" in text
     low = art.report["lowering"]["verify"]
     assert low["passed"] and low["inputs"] == [[[3, 7], [3, 7], [3, 7, 8]]]
