@@ -27,11 +27,11 @@ demo: $(STAMP)
 	$(BIN)/graphopt run build/nanogpt
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15
 
 # everything: the default run plus the heavy integration runs and the matrices (about an hour)
 test-full: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "heavy or matrix or not heavy" --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "heavy or matrix or not heavy" --durations=25
 
 # Side-by-side benchmarks (README "Benchmarks"): results in bench/results/<case>.{md,json,png}
 # onnxruntime-genai is a peer of the scale case only, never a dependency of graphopt: installed here,
