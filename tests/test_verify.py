@@ -547,6 +547,34 @@ def test_the_lowering_check_holds_no_graph(lm_ir):
     assert all(isinstance(p[3], list) for p in check.probes)
 
 
+def test_large_models_compute_one_probe_reference_per_dim(lm_ir):
+    """On a large model every probe reference is a full forward: only the smallest size of each
+    dim gets one. A lowered program that refuses that size still has the next size run (the range
+    is narrowed), and the note says it was not compared there."""
+    from graphopt.backends.onnx import OnnxBackend
+    from graphopt.compiler import LoweringCheck, _probe_minimum_sizes
+    from graphopt.errors import InputError
+    from graphopt.verify.verifier import verification_plan
+
+    plan = dict(verification_plan(lm_ir), large=True)
+    check = LoweringCheck(OnnxBackend(), Verifier(lm_ir, make_verification_inputs(lm_ir, n_random=1), plan), lm_ir)
+    computed = {(label, size) for label, size, _, ref, _ in check.probes if ref is not None}
+    assert computed == {("batch", 1), ("seq", 2)}
+
+    class RefusesBatchOne:  # a lowered program with a torch.export guard batch != 1
+        def run(self, inputs):
+            if inputs[0].shape[0] == 1:
+                raise InputError("batch must be at least 2")
+            return [lm_ir.graph_module(*inputs)[0]]
+
+    manifest = {"inputs": [{"shape": list(s.shape), "dynamic": {str(d): list(r) for d, r in s.dynamic.items()}}
+                           for s in lm_ir.inputs]}
+    narrowed = _probe_minimum_sizes(RefusesBatchOne(), check, manifest)
+    assert len(narrowed) == 1 and narrowed[0].startswith("batch >= 2 (the lowered program rejects batch = 1")
+    assert "it runs at batch = 2 (outputs not compared there" in narrowed[0]
+    assert manifest["inputs"][0]["dynamic"]["0"] == [2, 4]
+
+
 def test_static_inputs_keep_their_shape():
     class F(torch.nn.Module):
         def forward(self, x, flag):

@@ -95,6 +95,128 @@ def export_program(ir: GraphIR) -> torch.export.ExportedProgram:
                            f"{type(e).__name__}: {_first_lines(str(e))}\nhint: {hint}") from e
 
 
+_DETACH = (torch.ops.aten.detach.default, torch.ops.aten.detach_.default)
+
+
+class NotDirect(Exception):
+    """The graph needs a re-export (:func:`export_program`); the message says why."""
+
+
+def program_from_ir(ir: GraphIR) -> torch.export.ExportedProgram:
+    """An ``ExportedProgram`` of ``ir.graph_module`` built without re-tracing it (module docstring).
+
+    The graph is copied (the IR's nodes and metadata are left as they are); the weights are shared.
+    ``aten.to.dtype`` (an alias torch.export's decomposition would rewrite) becomes
+    ``aten._to_copy``; ``detach``/``detach_`` (autograd only) are dropped. Raises :class:`NotDirect` when the graph needs :func:`export_program`."""
+    from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
+    from torch.export.graph_signature import (
+        ExportGraphSignature,
+        InputKind,
+        InputSpec,
+        OutputKind,
+        OutputSpec,
+        TensorArgument,
+    )
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    try:
+        from torch._export.non_strict_utils import make_fake_inputs
+    except ImportError as e:  # another torch layout
+        raise NotDirect(f"this torch has no torch._export.non_strict_utils.make_fake_inputs ({e})") from e
+    if len(ir.example_inputs) != len(ir.inputs):
+        raise BackendError(f"the IR has {len(ir.inputs)} inputs ({', '.join(ir.input_names)}) but "
+                           f"{len(ir.example_inputs)} example inputs; capture it again with every input")
+    src = ir.graph_module
+    weights: list[tuple[torch.fx.Node, torch.Tensor]] = []
+    for n in src.graph.nodes:
+        if n.op == "call_module":
+            raise NotDirect(f"node {n.name} calls submodule {n.target}")
+        if n.op == "call_function" and not isinstance(n.target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)) \
+                and getattr(n.target, "__module__", None) not in ("_operator", "operator"):
+            raise NotDirect(f"node {n.name} calls {getattr(n.target, '__name__', n.target)!r}, not an ATen op")
+        if n.op == "get_attr":
+            t = src
+            for part in n.target.split("."):
+                t = getattr(t, part)
+            if not isinstance(t, torch.Tensor):
+                raise NotDirect(f"node {n.name} reads {n.target}, a {type(t).__name__}")
+            weights.append((n, t))
+
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    input_specs, state_dict = [], {}
+    for n, t in weights:  # lifted weights come first, as torch.export orders them
+        p = graph.placeholder(f"p_{n.name}")
+        env[n] = p
+        parameter = isinstance(t, torch.nn.Parameter)
+        input_specs.append(InputSpec(kind=InputKind.PARAMETER if parameter else InputKind.BUFFER,
+                                     arg=TensorArgument(name=p.name), target=n.target,
+                                     persistent=None if parameter else True))
+        state_dict[n.target] = t
+    for n in ir.placeholders():
+        p = graph.placeholder(n.name)
+        p.meta.update({k: v for k, v in n.meta.items() if k != "val"})
+        env[n] = p
+        input_specs.append(InputSpec(kind=InputKind.USER_INPUT, arg=TensorArgument(name=p.name), target=None))
+    output_specs = []
+    for n in src.graph.nodes:
+        if n.op in ("placeholder", "get_attr"):
+            continue
+        if n.op == "call_function" and n.target in _DETACH:  # no autograd here: the value itself
+            env[n] = env[n.args[0]]
+            continue
+        new = graph.node_copy(n, lambda a: env[a])
+        new.meta.pop("val", None)
+        env[n] = new
+        if new.op == "call_function" and new.target is torch.ops.aten.to.dtype:
+            dtype = new.args[1] if len(new.args) > 1 else new.kwargs["dtype"]
+            new.target, new.args, new.kwargs = torch.ops.aten._to_copy.default, (new.args[0],), {"dtype": dtype}
+        if new.op == "output":
+            for a in new.args[0]:
+                if not isinstance(a, torch.fx.Node):
+                    raise NotDirect(f"the graph returns a constant ({a!r})")
+                output_specs.append(OutputSpec(kind=OutputKind.USER_OUTPUT, arg=TensorArgument(name=a.name),
+                                               target=None))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+
+    dynamic_shapes = dynamic_shapes_for(ir)
+    try:
+        fake_mode, fake_args, _, equalities, signature, _ = make_fake_inputs(src, tuple(ir.example_inputs), {},
+                                                                             dynamic_shapes)
+        with fake_mode:
+            fake_weights = [fake_mode.from_tensor(t, static_shapes=True) for _, t in weights]
+        with torch.no_grad():
+            FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*fake_weights, *fake_args)
+    except Exception as e:  # noqa: BLE001 - the re-export reports what is really wrong, if anything
+        raise NotDirect(f"symbolic shape propagation failed: {type(e).__name__}: {_first_lines(str(e), 2)}") from e
+    if dynamic_shapes is not None:
+        # what torch.export checks after its trace: did the graph specialise or narrow a dim that
+        # was declared dynamic (a reshape to a constant size, say)?
+        from torch._export.non_strict_utils import produce_guards_and_solve_constraints
+
+        try:
+            produce_guards_and_solve_constraints(fake_mode, gm, dynamic_shapes, equalities, signature)
+        except Exception as e:  # noqa: BLE001 - ConstraintViolationError and friends
+            raise NotDirect(f"the graph does not hold for the declared dynamic dims: {_first_lines(str(e), 2)}") from e
+    ranges: dict[Any, ValueRanges] = {}
+    for spec, fake in zip(ir.inputs, fake_args):
+        for d, (lo, hi) in spec.dynamic.items():
+            size = fake.shape[d]
+            if isinstance(size, torch.SymInt) and not size.node.expr.is_number:
+                ranges[size.node.expr] = ValueRanges(int(lo), int(hi))
+    import torch.utils._pytree as pytree
+
+    call = ModuleCallSignature(inputs=[], outputs=[], in_spec=pytree.tree_flatten((tuple(ir.example_inputs), {}))[1],
+                               out_spec=pytree.tree_flatten(tuple(range(len(output_specs))))[1])
+    try:
+        return torch.export.ExportedProgram(
+            root=gm, graph=gm.graph, graph_signature=ExportGraphSignature(input_specs, output_specs),
+            state_dict=state_dict, range_constraints=ranges, module_call_graph=[ModuleCallEntry("", call)])
+    except Exception as e:  # noqa: BLE001 - torch's verifier refused the graph as built
+        raise NotDirect(f"torch refused the program: {type(e).__name__}: {_first_lines(str(e), 2)}") from e
+
+
 def _identifier(label: str) -> str:
     """``torch.export.Dim`` names must be Python identifiers."""
     text = re.sub(r"\W", "_", label)

@@ -2,7 +2,7 @@
 
 Lowering, step by step::
 
-    GraphIR ──export_program──▶ ExportedProgram ──torch.onnx.export(dynamo=True)──▶ ONNX (onnx_ir)
+    GraphIR ──program_from_ir (no retrace)──▶ ExportedProgram ──torch.onnx.export(dynamo=True)──▶ ONNX (onnx_ir)
         ──rename dims to the IR's labels ("batch", "seq")──▶ ModelProto
         ──onnx-graphsurgeon: inputs/outputs named as in the IR, cleanup().toposort()──▶
         ──ir_version the installed onnxruntime loads──▶ onnx.checker ──▶ model.onnx (+ model.onnx.data)
@@ -11,6 +11,12 @@ Why these choices:
 
 - The torch.onnx dynamo exporter (``torch.onnx.export(ExportedProgram, dynamo=True)``) is the
   maintained path; the TorchScript exporter is deprecated and cannot take an ExportedProgram.
+- The optimized graph is not traced again: the ExportedProgram is built from it directly
+  (:func:`~graphopt.backends.export.program_from_ir`: lifted weights shared, one symbolic
+  fake-tensor propagation), and the exporter's own retrace (``run_decompositions``) is skipped
+  when every op already has an ONNX translation. The two retraces were two thirds of the
+  lowering's time on decoders. Graphs the direct build cannot take are re-exported with
+  ``torch.export`` (the payload's ``program`` says which and why).
 - Graph inputs and outputs carry the IR's names (``input_ids``, ``logits``), so the file is usable
   on its own (``onnxruntime``, ``trtexec``, Netron) and the runner can feed by name.
 - onnx 1.23 stamps IR version 14 on new models, which onnxruntime 1.31 refuses: the file gets the
@@ -52,7 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphopt.backends.base import Backend, Lowered
-from graphopt.backends.export import dim_label, export_program
+from graphopt.backends.export import NotDirect, dim_label, export_program, program_from_ir
 from graphopt.errors import ArtifactError, BackendError
 
 if TYPE_CHECKING:
@@ -195,9 +201,13 @@ class OnnxBackend(Backend):
         # inside, then graphsurgeon's export of it, would add two).
         staging = out_dir / STAGING_DIR if external else None
         try:
-            ep = export_program(ir)
+            try:
+                ep, how = program_from_ir(ir), "direct"
+            except NotDirect as e:
+                log.info("onnx lowering: re-exporting the graph with torch.export (%s)", e)
+                ep, how = export_program(ir), f"re-exported: {e}"
             t1 = time.perf_counter()
-            model = to_onnx(ep, ir, opset, staging=staging, optimizer=optimizer)
+            model = to_onnx(ep, ir, opset, staging=staging, optimizer=optimizer, decompose="needed" if how == "direct" else "always")
             del ep
             t2 = time.perf_counter()
             model = _cleanup(model, ir, base_dir=staging)
@@ -235,6 +245,7 @@ class OnnxBackend(Backend):
         if DATA_FILE in files:
             notes.append(f"weights ({weight_bytes / 2**30:.2f} GiB) are in {DATA_FILE}, beside {MODEL_FILE}")
         payload = {"format": "onnx", "file": MODEL_FILE, "opset": opset, "ir_version": model.ir_version,
+                   "program": how,
                    "producer": f"{model.producer_name} {model.producer_version}".strip(),
                    "external_data": DATA_FILE if DATA_FILE in files else None}
         if upcast is not None:
@@ -461,8 +472,14 @@ def ir_version_for(opset: int) -> int:
 
 
 # -- export ---------------------------------------------------------------------------------------
-def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None, optimizer: str = "light") -> onnx.ModelProto:
+def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None, optimizer: str = "light",
+            decompose: str = "always") -> onnx.ModelProto:
     """``torch.onnx.export`` of an ExportedProgram, quietly; symbolic dims renamed to the IR's labels.
+
+    ``decompose="needed"`` (for programs from :func:`~graphopt.backends.export.program_from_ir`,
+    whose graphs are already functional ATen): the exporter's ``run_decompositions``, a full
+    retrace, runs only when a node's op has no ONNX translation or is in-place; otherwise the
+    program is translated as it is.
 
     With ``staging`` (a directory), the program is saved there as ``export.onnx`` with its weights
     in ``export.onnx.data`` (written tensor by tensor from the torch tensors), and the returned
@@ -476,7 +493,8 @@ def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None, optim
     try:
         for lg in quiet:
             lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(stdout):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(stdout), \
+                _decomposition(decompose) as decomposed:
             warnings.simplefilter("ignore")
             # An ExportedProgram is translated as it is: args and dynamic_shapes are not used.
             program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False,
@@ -494,6 +512,8 @@ def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None, optim
             lg.setLevel(level)
     if stdout.getvalue().strip():
         log.debug("torch.onnx said:\n%s", stdout.getvalue())
+    if decomposed:
+        log.debug("onnx lowering: run_decompositions for %s", ", ".join(decomposed))
     inputs = list(program.model.graph.inputs)
     if len(inputs) != len(ir.inputs):
         raise BackendError(f"the ONNX graph has {len(inputs)} inputs but the IR has {len(ir.inputs)} "
@@ -520,6 +540,39 @@ def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None, optim
         return onnx.load(str(staging / "export.onnx"), load_external_data=False)
     finally:
         _drop_torch_weights(program)
+
+
+@contextlib.contextmanager
+def _decomposition(mode: str):
+    """Within it, torch.onnx's ``decompose_with_registry`` (``run_decompositions`` with the table
+    of ops that have no ONNX translation) is skipped for programs that contain none of those ops
+    and no in-place op (``mode="needed"``). Yields the list of ops that made it run."""
+    needed: list[str] = []
+    try:
+        from torch.onnx._internal.exporter import _decomp, _fx_passes
+        original = _fx_passes.decompose_with_registry
+    except (ImportError, AttributeError):  # another torch layout: always decompose
+        mode = "always"
+    if mode == "always":
+        yield needed
+        return
+
+    def decompose_if_needed(program, registry):
+        import torch
+
+        table = _decomp.create_onnx_friendly_decomposition_table(set(_decomp.get_onnx_implemented_overloads(registry)))
+        for n in program.graph.nodes:
+            op = n.target
+            if n.op == "call_function" and isinstance(op, torch._ops.OpOverload) and (
+                    op in table or op._schema.is_mutable or not registry.is_registered(op)):
+                needed.append(str(op))
+        return original(program, registry) if needed else program
+
+    _fx_passes.decompose_with_registry = decompose_if_needed
+    try:
+        yield needed
+    finally:
+        _fx_passes.decompose_with_registry = original
 
 
 def _optimize_light(model: Any) -> None:

@@ -8,6 +8,7 @@ installed onnxruntime, ``onnx.checker``, external data, clear errors for bad art
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -291,3 +292,62 @@ def test_gpt2_tiny(tmp_path):
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
     assert _err(runner.run([ids, mask]), [want]) <= ATOL
+
+
+# -- the program is built from the graph, not traced again -------------------------------------
+def test_lowering_builds_the_program_without_retracing(captured, artifact):
+    from graphopt.backends.export import program_from_ir
+
+    for case in captured:
+        lowered, _ = artifact(case)
+        assert lowered.payload["program"] == "direct", (case, lowered.payload["program"])
+    _, ir, _ = next(iter(captured.values()))
+    names = [n.name for n in ir.graph.nodes]
+    ep = program_from_ir(ir)
+    # the weights are the IR's own tensors (lifted, not copied)
+    ir_tensors = {n.target: functools.reduce(getattr, n.target.split("."), ir.graph_module)
+                  for n in ir.graph.nodes if n.op == "get_attr"}
+    assert ep.state_dict and all(ep.state_dict[k] is ir_tensors[k] for k in ep.state_dict)
+    assert [n.name for n in ir.graph.nodes] == names  # the IR's graph is left as it was
+    assert all("val" in n.meta for n in ep.graph.nodes if n.op != "output")
+
+
+def test_graphs_the_direct_build_cannot_take_are_re_exported(tmp_path):
+    """A node calling a Python function (not an ATen op) makes the lowering re-export the graph
+    with torch.export; the payload says so and the artifact computes the same."""
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x) * 3
+
+    ir = capture(Model(), (torch.randn(2, 4),), dynamic={"x": {0: (1, 8)}})
+    relu = next(n for n in ir.graph.nodes if n.op == "call_function" and "relu" in str(n.target))
+    relu.target = torch.relu  # a torch function, not an OpOverload
+    ir.recompile()
+    lowered, runner = _lower_and_load(ir, tmp_path)
+    assert lowered.payload["program"].startswith("re-exported: node"), lowered.payload["program"]
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(runner.run([x])[0], torch.relu(x) * 3)
+
+
+def test_ops_without_an_onnx_translation_are_still_decomposed(tmp_path):
+    """The exporter's decomposition is skipped only when every op has a translation: aten.rms_norm
+    has none below opset 23, so at opset 20 it is decomposed, and computes the same."""
+
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.rand(8) + 0.5)
+
+        def forward(self, x):
+            return torch.nn.functional.rms_norm(x, (8,), self.w, 1e-6) + 1
+
+    model = Norm()
+    ir = capture(model, (torch.randn(2, 8),), dynamic={"x": {0: (1, 8)}})
+    assert any("rms_norm" in str(n.target) for n in ir.graph.nodes)
+    lowered, runner = _lower_and_load(ir, tmp_path, opset=20)
+    assert lowered.payload["program"] == "direct"
+    assert "RMSNormalization" not in {n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(runner.run([x])[0], model(x))
