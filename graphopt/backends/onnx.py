@@ -535,6 +535,7 @@ def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None, optim
         staging.mkdir(parents=True, exist_ok=True)
         # the weights go to their final file name, 4 KiB-aligned: when the passes after this leave
         # them as they are, write_with_external_data moves the file instead of copying it
+        _write_transposed_in_rows(program.model)
         onnx_ir.save(program.model, str(staging / "export.onnx"), external_data=DATA_FILE, alignment=4096,
                      max_in_flight_bytes=256 << 20)
         return onnx.load(str(staging / "export.onnx"), load_external_data=False)
@@ -599,6 +600,37 @@ def _optimize_light(model: Any) -> None:
         common.CommonSubexpressionEliminationPass(), common.OutputFixPass(), common.NameFixPass(),
     )(model)
     onnxscript.rewriter.onnx_fusions.fuse(model)
+
+
+def _write_transposed_in_rows(model: Any) -> int:
+    """The exporter writes ``linear`` as ``MatMul(x, Transpose(W))`` and constant folding turns
+    ``Transpose(W)`` into a numpy VIEW of the torch weight (no copy, good), which numpy's
+    ``tofile`` then writes element by element: 12 s of a 0.5B model's 13 s save. Such
+    initializers are written in contiguous blocks of rows instead (a 64 MiB buffer at a time).
+    Returns how many were wrapped."""
+    import numpy as np
+    import onnx_ir
+
+    plain = {np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.uint8, np.int16, np.uint16,
+                                   np.int32, np.uint32, np.int64, np.uint64, np.bool_)}
+
+    class RowBlocks(onnx_ir.Tensor):
+        def tofile(self, file) -> None:
+            a = self.raw
+            rows = max(1, (64 << 20) // max(1, a[0].nbytes))
+            for i in range(0, a.shape[0], rows):
+                file.write(np.ascontiguousarray(a[i:i + rows]).data)
+
+    wrapped = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            raw = getattr(tensor, "raw", None)
+            if (isinstance(raw, np.ndarray) and raw.ndim >= 1 and raw.shape[0] > 0 and not raw.flags["C_CONTIGUOUS"]
+                    and raw.dtype in plain and raw.dtype == tensor.dtype.numpy()):
+                value.const_value = RowBlocks(raw, dtype=tensor.dtype, name=tensor.name)
+                wrapped += 1
+    return wrapped
 
 
 def _drop_torch_weights(program: Any) -> None:

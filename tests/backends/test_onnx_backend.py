@@ -351,3 +351,28 @@ def test_ops_without_an_onnx_translation_are_still_decomposed(tmp_path):
     x = torch.randn(3, 8)
     with torch.no_grad():
         torch.testing.assert_close(runner.run([x])[0], model(x))
+
+
+def test_transposed_weights_are_written_in_row_blocks_byte_for_byte(tmp_path):
+    """Constant folding leaves ``Transpose(W)`` as a strided numpy view; it is written in
+    contiguous row blocks (numpy writes such views element by element), with the same bytes."""
+    import onnx_ir
+
+    w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+
+    def model():
+        x = onnx_ir.Value(name="x", shape=onnx_ir.Shape([2, 48]), type=onnx_ir.TensorType(onnx_ir.DataType.FLOAT))
+        wt = onnx_ir.Value(name="wt", const_value=onnx_ir.Tensor(w.T, name="wt"))
+        node = onnx_ir.node("MatMul", [x, wt])
+        node.outputs[0].name = "y"
+        graph = onnx_ir.Graph([x], node.outputs, nodes=[node], initializers=[wt], opset_imports={"": 20})
+        return onnx_ir.Model(graph, ir_version=10)
+
+    plain, blocked = model(), model()
+    assert onnx_backend._write_transposed_in_rows(blocked) == 1
+    for m, name in ((plain, "plain"), (blocked, "blocked")):
+        onnx_ir.save(m, str(tmp_path / f"{name}.onnx"), external_data=f"{name}.data", alignment=4096)
+    assert (tmp_path / "plain.data").read_bytes() == (tmp_path / "blocked.data").read_bytes()
+    x = np.random.default_rng(1).standard_normal((2, 48)).astype(np.float32)
+    got = onnxruntime.InferenceSession(str(tmp_path / "blocked.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5)
