@@ -132,15 +132,16 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
         if verify:
             plan = verification_plan(original, n_random)
             sets = make_verification_inputs(original, n_random=n_random, include_example=plan["include_example"],
-                                            step=plan["step"])
+                                            step=plan["step"], halve_long_dims=plan["halve_long_dims"])
             if ir.user_example_inputs is not None:  # capture widened a size-1 dim: check the user's own
                 sets.append(list(ir.user_example_inputs))
             sets.extend(extra_inputs or [])
             verifier = Verifier(original, sets, plan)
             checked = describe_inputs(sets, original.input_names)
             if plan["large"]:
-                checked += (f" (a model of {original.param_count() / 1e9:.2f}B parameters: random sets one size "
-                            "step from the example's, the example itself is not rerun; more with n_random)")
+                checked += (f" (a model of {original.param_count() / 1e9:.2f}B parameters: random sets with short "
+                            "dims one step from the example's and long ones at half of it, the example itself is "
+                            "not rerun; more with n_random)")
             report.data["verification"]["inputs"] = checked
             if progress:
                 progress("verification_inputs", text=checked)
@@ -461,9 +462,12 @@ class LoweringCheck:
         #: when not computed, fp64 outputs)
         self.probes: list[tuple[str, int, list, Any, Any]] = []
         large = bool(verifier.plan.get("large"))
+        # large models: the other dims of a probe at 2 (not the example's sizes), so that each
+        # reference forward (and the runtime's) reads a few tokens, not the example's batch
+        small = {label: min(hi, max(lo, 2)) for label, (lo, hi) in labels.items()} if large else {}
         for label, (lo, hi) in labels.items():
             for size in range(lo, min(lo + 2, hi) + 1):
-                inputs = inputs_with_sizes(ir, {label: size}, seed=size)
+                inputs = inputs_with_sizes(ir, {**small, label: size}, seed=size)
                 if large and size > lo and not isinstance(self.probes[-1][3], BaseException):
                     # a full forward each on a large model, needed only if the lowered program
                     # refuses the smaller size (rare): then this size is checked to run, not compared

@@ -503,7 +503,8 @@ def test_large_models_verify_on_one_small_random_set(lm_ir, monkeypatch):
     is not rerun and the random set stays one size step from it (and a rebase keeps the plan)."""
     from graphopt.verify import verifier as vmod
 
-    assert vmod.verification_plan(lm_ir, 1) == {"include_example": True, "step": 3, "n_random": 1, "large": False}
+    assert vmod.verification_plan(lm_ir, 1) == {"include_example": True, "step": 3, "n_random": 1, "large": False,
+                                                "halve_long_dims": False}
     monkeypatch.setattr(vmod, "LARGE_MODEL_PARAMS", 1)
     plan = vmod.verification_plan(lm_ir, 1)
     assert plan["large"] and not plan["include_example"] and plan["step"] == 1
@@ -514,6 +515,15 @@ def test_large_models_verify_on_one_small_random_set(lm_ir, monkeypatch):
     assert len(v.input_sets) == 1 and tuple(v.input_sets[0][0].shape) == (3, 7)
     text = vmod.describe_inputs(sets, lm_ir.input_names)
     assert text == "1 input set: input_ids [3, 7], attention_mask [3, 7], features [3, 7, 8]"
+    # long dims (8 and up) are halved rather than stepped: a check costs about its token count
+    rng = {0: (1, 4), 1: (2, 64)}
+    long_ir = capture(LMish(), {"input_ids": torch.randint(10, 20, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long),
+                                "features": torch.randn(2, 16, 8)},
+                      dynamic={"input_ids": rng, "attention_mask": rng, "features": rng})
+    plan = vmod.verification_plan(long_ir, 1)
+    sets = make_verification_inputs(long_ir, n_random=1, include_example=False, step=1,
+                                    halve_long_dims=plan["halve_long_dims"])
+    assert tuple(sets[0][0].shape) == (3, 8)
 
 
 def test_compile_reports_the_light_plan_on_large_models(monkeypatch, tmp_path):
@@ -528,7 +538,7 @@ def test_compile_reports_the_light_plan_on_large_models(monkeypatch, tmp_path):
                            dynamic={n: {0: (1, 4), 1: (2, 12)} for n in ("input_ids", "attention_mask", "features")})
     text = art.report["verification"]["inputs"]
     assert ("verification_inputs", {"text": text}) in events      # the CLI prints it
-    assert text.startswith("1 input set: input_ids [3, 7]") and "parameters: random sets one size step" in text
+    assert text.startswith("1 input set: input_ids [3, 7]") and "parameters: random sets with short dims one step" in text
     low = art.report["lowering"]["verify"]
     assert low["passed"] and low["inputs"] == [[[3, 7], [3, 7], [3, 7, 8]]]
 

@@ -28,12 +28,13 @@ def verification_plan(ir: GraphIR, n_random: int = 1) -> dict[str, Any]:
     """How many and which inputs verification runs every checked graph on. Every check is a
     forward of the whole model per input set, so on large models (``LARGE_MODEL_PARAMS`` and up)
     the sets are kept small: the ``n_random`` random sets only (the example's own sizes are what
-    capture traced; a random set at other sizes exercises the dynamic dims), each dynamic dim one
-    step away from the example's size instead of three. Small models: the example plus the random
-    sets, dims three steps away."""
+    capture traced; a random set at other sizes exercises the dynamic dims), short dynamic dims
+    (batch) one step away from the example's size, long ones (sequence, 8 and up) at half of it:
+    every check's forward costs about its token count, and a different length exercises the dim as
+    well as a longer one. Small models: the example plus the random sets, dims three steps away."""
     large = ir.param_count() >= LARGE_MODEL_PARAMS
     return {"include_example": not large or n_random == 0, "step": 1 if large else 3, "n_random": n_random,
-            "large": large}
+            "large": large, "halve_long_dims": large}
 
 
 def describe_inputs(sets: list[list[torch.Tensor]], names: list[str]) -> str:
@@ -44,12 +45,13 @@ def describe_inputs(sets: list[list[torch.Tensor]], names: list[str]) -> str:
 
 
 def make_verification_inputs(ir: GraphIR, n_random: int = 1, seed: int = 0, *, include_example: bool = True,
-                             step: int = 3) -> list[list[torch.Tensor]]:
+                             step: int = 3, halve_long_dims: bool = False) -> list[list[torch.Tensor]]:
     """The example inputs (unless ``include_example=False``) plus ``n_random`` fresh random sets
     (never zeros).
 
     Random sets vary every dynamic dim within its range (so dynamic shapes are exercised: ``step``
-    more or fewer than the example, else one more, else the range's ends), draw token-like integer
+    more or fewer than the example, else one more, else the range's ends; with ``halve_long_dims``,
+    dims of 8 and more are set to half the example's size instead), draw token-like integer
     inputs from the example's value range, keep mask-like inputs (only 0/1 values) as all-ones, and
     draw float inputs from a normal with the example's mean and std.
     """
@@ -62,7 +64,8 @@ def make_verification_inputs(ir: GraphIR, n_random: int = 1, seed: int = 0, *, i
                 label = spec.shape[d] if isinstance(spec.shape[d], str) else f"{spec.name}.{d}"
                 if label not in sizes:
                     cur = int(ex.shape[d])
-                    choices = [s for s in (cur + step + k, cur - step - k, cur + 1, hi, lo)
+                    first = (max(cur // 2 - k, 2),) if halve_long_dims and cur >= 8 else ()
+                    choices = [s for s in (*first, cur + step + k, cur - step - k, cur + 1, hi, lo)
                                if lo <= s <= hi and s != cur and s >= 2]
                     sizes[label] = choices[0] if choices else cur
         new = []
@@ -300,7 +303,8 @@ class Verifier:
         self.original = ir.copy()
         self.input_sets = make_verification_inputs(self.original, n_random=max(self.plan["n_random"], 1),
                                                    include_example=self.plan["include_example"],
-                                                   step=self.plan["step"])
+                                                   step=self.plan["step"],
+                                                   halve_long_dims=self.plan.get("halve_long_dims", False))
         self.original_outputs = [self.original.run(inp) for inp in self.input_sets]
         self.previous = self.baseline = self.original_outputs
         self._ref64, self._ref64_done, self._ref64_error = None, False, None

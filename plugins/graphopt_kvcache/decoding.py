@@ -81,10 +81,12 @@ _LARGE_MODEL = 50_000_000
 
 def verification_tokens(ir: GraphIR, max_new: int) -> int:
     """How many tokens the check decodes: 32 for small models, fewer for large ones (8 from about
-    0.2B parameters on: every cached step reads all the weights), so that verification stays a
-    fraction of a compile."""
+    0.2B parameters on, 4 from 1B: every cached step reads all the weights, about 1 s on a 1B
+    fp32 model on 2 CPU cores), so that verification stays a fraction of a compile. Four steps
+    still grow the cache three times past the prompt, on a left-padded row too."""
     params = ir.param_count()
-    n = 32 if params <= _LARGE_MODEL else max(8, int(32 * (_LARGE_MODEL / params) ** 0.75))
+    n = 32 if params <= _LARGE_MODEL else max(4 if params >= 1_000_000_000 else 8,
+                                               int(32 * (_LARGE_MODEL / params) ** 0.75))
     return max(1, min(n, max_new))
 
 
