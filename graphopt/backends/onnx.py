@@ -606,7 +606,8 @@ def _write_transposed_in_rows(model: Any) -> int:
     """The exporter writes ``linear`` as ``MatMul(x, Transpose(W))`` and constant folding turns
     ``Transpose(W)`` into a numpy VIEW of the torch weight (no copy, good), which numpy's
     ``tofile`` then writes element by element: 12 s of a 0.5B model's 13 s save. Such
-    initializers are written in contiguous blocks of rows instead (a 64 MiB buffer at a time).
+    initializers are written in contiguous blocks of rows instead (a 64 MiB buffer at a time,
+    transposed by torch).
     Returns how many were wrapped."""
     import numpy as np
     import onnx_ir
@@ -614,12 +615,18 @@ def _write_transposed_in_rows(model: Any) -> int:
     plain = {np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.uint8, np.int16, np.uint16,
                                    np.int32, np.uint32, np.int64, np.uint64, np.bool_)}
 
+    import torch
+
     class RowBlocks(onnx_ir.Tensor):
         def tofile(self, file) -> None:
             a = self.raw
             rows = max(1, (64 << 20) // max(1, a[0].nbytes))
             for i in range(0, a.shape[0], rows):
-                file.write(np.ascontiguousarray(a[i:i + rows]).data)
+                try:  # torch's strided copy is blocked and threaded: ~3x numpy's on a transposed view
+                    block = torch.from_numpy(a[i:i + rows]).contiguous().numpy()
+                except TypeError:  # a dtype torch does not take from numpy
+                    block = np.ascontiguousarray(a[i:i + rows])
+                file.write(block.data)
 
     wrapped = 0
     for graph in (model.graph, *model.graph.subgraphs()):
