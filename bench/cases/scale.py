@@ -208,7 +208,19 @@ def log_tail(log: Path | None, lines: int = 3) -> str:
     except (OSError, AttributeError):
         return ""
     useful = [ln for ln in text if not ln.startswith(("Loading weights", "Writing model", "Saving "))]
-    return " | ".join((useful or text)[-lines:])[-500:]
+    failed = [ln for ln in useful if "verification failed" in ln or ln.startswith("error")]
+    tail = " | ".join(failed[-1:] or (useful or text)[-lines:])[-500:]
+    return _relative(tail, log)
+
+
+def _relative(text: str, log: Path | None) -> str:
+    """Paths in results read relative to the bench's work folder and the repository (both are
+    of this machine only; the work folder is deleted after the run)."""
+    work = log.parents[3] if log is not None and len(log.parents) > 3 else None
+    for root, label in ((work, "<bench work>/"), (REPO, "")):
+        if root is not None:
+            text = text.replace(f"{root}/", label)
+    return text
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -266,7 +278,7 @@ def _row(result: CaseResult, model: str, system: str, kind: str, stage: str, **k
 
 def _record(row: dict[str, Any], proc: Proc) -> None:
     row.update(time_s=round(proc.time_s, 2), peak_rss_gib=round(proc.peak_rss_bytes / GIB, 3),
-               returncode=proc.returncode, rss_samples=proc.samples, log=str(proc.log))
+               returncode=proc.returncode, rss_samples=proc.samples, log=_relative(str(proc.log), proc.log))
     if not proc.ok:
         row.update(status="failed", note=proc.failure())
 
