@@ -297,26 +297,22 @@ def capture(module: torch.nn.Module, example_inputs: Any, dynamic: DynamicSpec |
         except NotImplementedError:  # modules unlifted from an ExportedProgram are already inference graphs
             pass
 
-    with torch.no_grad():
-        try:
-            reference = module(*args, **kwargs)
-        except Exception as e:
-            raise CaptureError(f"the model raised on its example inputs: {type(e).__name__}: {e}. "
-                               "Check the inputs' names, shapes and dtypes against the model's forward().") from e
-
     errors: list[str] = []
     gm = None
     how = None
+    reference: Any = _NOT_RUN
     if method in ("auto", "export"):
         try:
-            gm = _export(module, args, kwargs, names, dims)
+            gm, reference = _export(module, args, kwargs, names, dims)
             how = "torch.export"
         except CaptureError:
             raise
         except Exception as e:
+            _run_eagerly(module, args, kwargs)  # a model that raises on its inputs: say that first
             errors.append(f"torch.export: {type(e).__name__}: {_first_lines(str(e))}")
             log.debug("torch.export failed", exc_info=True)
     if gm is None and method in ("auto", "symbolic_trace"):
+        reference = _run_eagerly(module, args, kwargs)
         if kwargs:
             errors.append("torch.fx.symbolic_trace: skipped (it takes positional tensor inputs only)")
         else:
@@ -329,6 +325,8 @@ def capture(module: torch.nn.Module, example_inputs: Any, dynamic: DynamicSpec |
         hint = _hint(errors)
         raise CaptureError(f"could not capture {type(module).__name__}:\n  " + "\n  ".join(errors) +
                            (f"\nhint: {hint}" if hint else ""))
+    if reference is _NOT_RUN:
+        reference = _run_eagerly(module, args, kwargs)
 
     leaves, out_structure = flatten(reference, is_leaf=lambda x: isinstance(x, torch.Tensor))
     gm = _normalize_outputs(gm, len(leaves))
@@ -364,7 +362,23 @@ def capture(module: torch.nn.Module, example_inputs: Any, dynamic: DynamicSpec |
     return ir
 
 
-def _export(module, args, kwargs, names, dims) -> torch.fx.GraphModule:
+_NOT_RUN = object()
+
+
+def _run_eagerly(module, args, kwargs) -> Any:
+    with torch.no_grad():
+        try:
+            return module(*args, **kwargs)
+        except Exception as e:
+            raise CaptureError(f"the model raised on its example inputs: {type(e).__name__}: {e}. "
+                               "Check the inputs' names, shapes and dtypes against the model's forward().") from e
+
+
+def _export(module, args, kwargs, names, dims) -> tuple[torch.fx.GraphModule, Any]:
+    """The graph, and the model's output rebuilt from the program's output spec with the fake
+    tensors of the graph's outputs (the structure the eager call returns, without running the
+    model once more: a forward of a 1B model is seconds on a CPU); ``_NOT_RUN`` when the spec
+    cannot rebuild it."""
     dynamic_shapes = None
     if dims:
         if kwargs:
@@ -380,7 +394,29 @@ def _export(module, args, kwargs, names, dims) -> torch.fx.GraphModule:
         gm = ep.module(check_guards=False)
     except TypeError:  # torch < 2.9 has no guard function to leave out
         gm = ep.module()
-    return gm
+    return gm, _output_from_spec(ep)
+
+
+def _output_from_spec(ep) -> Any:
+    import torch.utils._pytree as pytree
+
+    try:
+        out = next(n for n in reversed(ep.graph.nodes) if n.op == "output")
+        user = [spec.arg for spec in ep.graph_signature.output_specs if spec.kind.name == "USER_OUTPUT"]
+        by_name = {a.name: a for a in out.args[0] if isinstance(a, torch.fx.Node)}
+        vals = []
+        for arg in user:
+            name = getattr(arg, "name", None)
+            if name is not None and name in by_name:
+                vals.append(by_name[name].meta["val"])
+            elif hasattr(arg, "value"):  # a constant output
+                vals.append(arg.value)
+            else:
+                return _NOT_RUN
+        return pytree.tree_unflatten(vals, ep.call_spec.out_spec)
+    except Exception:  # noqa: BLE001 - another torch layout, an unregistered output type: run the model
+        log.debug("output structure from the program's spec failed; running the model", exc_info=True)
+        return _NOT_RUN
 
 
 def _symbolic_trace(module, n_args) -> torch.fx.GraphModule:

@@ -135,6 +135,29 @@ def test_hf_model_output_becomes_a_dict():
     assert _all_nodes_captured(ir)
 
 
+def test_the_model_runs_once_and_the_structure_is_the_eager_one():
+    """The output structure comes from torch.export's output spec (the fake outputs rebuilt), not
+    from a second, eager forward (seconds on a 1B model): the model's forward runs once, and the
+    structure, constants and ``None`` included, is the one the eager call returns."""
+    from graphopt.ir.structure import flatten
+
+    class Counted(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Counted.calls += 1
+            return {"logits": x * 2, "aux": (None, x.sum(-1), 3), "empty": None, "tail": [x - 1]}
+
+    x = _x(3, 4)
+    ir = capture(Counted(), (x,), {"x": {0: (1, 8)}})
+    assert Counted.calls == 1
+    _, want = flatten(Counted()(x), is_leaf=lambda t: isinstance(t, torch.Tensor))
+    assert ir.out_structure == want
+    out = ir.structured(ir.run())
+    assert out["aux"][0] is None and out["aux"][2] == 3 and out["empty"] is None
+    torch.testing.assert_close(out["tail"][0], x - 1)
+
+
 # -- dynamic dims ----------------------------------------------------------------------------------
 class MaskedSum(torch.nn.Module):
     def forward(self, x, mask):

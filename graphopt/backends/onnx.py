@@ -547,12 +547,17 @@ def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None, optim
 def _decomposition(mode: str):
     """Within it, torch.onnx's ``decompose_with_registry`` (``run_decompositions`` with the table
     of ops that have no ONNX translation) is skipped for programs that contain none of those ops
-    and no in-place op (``mode="needed"``). Yields the list of ops that made it run."""
+    and no in-place op (``mode="needed"``), and its type-promotion pass reads the fake tensors the
+    program's nodes already carry instead of recomputing each one (it reruns only the nodes it
+    changes). Yields the list of ops that made the decomposition run."""
     needed: list[str] = []
     try:
         from torch.onnx._internal.exporter import _decomp, _fx_passes
+        from torch.onnx._internal.fx.passes import type_promotion
         original = _fx_passes.decompose_with_registry
-    except (ImportError, AttributeError):  # another torch layout: always decompose
+        interpreter = type_promotion._TypePromotionInterpreter
+        original_run_node = interpreter.run_node
+    except (ImportError, AttributeError):  # another torch layout: the exporter as it is
         mode = "always"
     if mode == "always":
         yield needed
@@ -569,11 +574,33 @@ def _decomposition(mode: str):
                 needed.append(str(op))
         return original(program, registry) if needed else program
 
+    def run_node(self, n):
+        # the pass reruns every node only to know its inputs' dtypes; the program's nodes carry
+        # fresh fake tensors (from the program build or run_decompositions), and the nodes it
+        # promotes are rerun by the pass itself, which refreshes their ``val``
+        if n.op != "call_function" or not _fake_val(n.meta.get("val")):
+            return original_run_node(self, n)
+        with self._set_current_node(n):
+            if rule := type_promotion.get_type_promotion_rule(n, self.type_promotion_table):
+                self._maybe_promote_node(n, rule)
+        return n.meta["val"]
+
     _fx_passes.decompose_with_registry = decompose_if_needed
+    interpreter.run_node = run_node
     try:
         yield needed
     finally:
         _fx_passes.decompose_with_registry = original
+        interpreter.run_node = original_run_node
+
+
+def _fake_val(val: Any) -> bool:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(val, (list, tuple)):
+        return len(val) > 0 and all(_fake_val(v) for v in val)
+    return isinstance(val, (FakeTensor, torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
 
 
 def _optimize_light(model: Any) -> None:

@@ -191,13 +191,14 @@ class GraphIR:
         self.graph_module.recompile()
         return self
 
-    def propagate_shapes(self, dirty: set | None = None) -> GraphIR:
+    def propagate_shapes(self, dirty: set | None = None, rewired: dict | None = None) -> GraphIR:
         """Re-derive ``node.meta["val"]`` for every node (FakeTensor propagation, symbolic where the
         placeholders are symbolic), or only for the ``dirty`` nodes (ids of the nodes a pass made or
-        changed) and what their new shapes reach. Falls back to a concrete run on the example inputs."""
+        changed) and what their new shapes reach; ``rewired`` nodes (same op, other input nodes) only
+        if their inputs' shapes changed. Falls back to a concrete run on the example inputs."""
         from graphopt.ir.shapes import propagate_shapes
 
-        propagate_shapes(self, dirty)
+        propagate_shapes(self, dirty, rewired)
         return self
 
     def nx(self) -> nx.DiGraph:

@@ -26,32 +26,56 @@ class _IncrementalFakeTensorProp(FakeTensorProp):
 
     Symbolic propagation costs a few milliseconds per node (sympy reasoning on every dynamic size);
     on a 24-layer model that is tens of seconds after every pass. A node is recomputed when it has
-    no ``val``, when the pass touched it (``dirty``: new nodes, changed target/args), or when one of
-    its inputs was recomputed to a different shape, dtype or stride."""
+    no ``val``, when the pass changed it (``dirty``: new nodes, changed target or constant args),
+    when it was rewired (``rewired``: same op, other input nodes) to inputs whose shape, dtype or
+    stride differ from the ones it had, or when one of its inputs was recomputed to a different
+    shape, dtype or stride."""
 
-    def __init__(self, module, mode, dirty: set[int]):
+    def __init__(self, module, mode, dirty: set[int], rewired: dict[int, list] | None = None):
         super().__init__(module, mode=mode)
         self.dirty = dirty
+        self.rewired = rewired or {}
         self.changed: set[str] = set()
         self.recomputed = 0
 
+    def _stale(self, n, old) -> bool:
+        if id(n) in self.dirty or n.op in ("placeholder", "output", "get_attr") or not _reusable(old, self._mode):
+            # placeholders consume the inputs in order; get_attr: a pass may have put a tensor of
+            # another shape/dtype behind the same name (prune, precision); both are cheap
+            return True
+        inputs = n.all_input_nodes
+        if any(a.name in self.changed for a in inputs):
+            return True
+        was = self.rewired.get(id(n))
+        return was is not None and (len(was) != len(inputs) or not all(
+            _same_meta(v, a.meta.get("val")) for v, a in zip(was, inputs)))
+
     def run_node(self, n):
         old = n.meta.get("val")
-        # get_attr: a pass may have put a tensor of another shape/dtype behind the same name (prune,
-        # precision); re-reading it is cheap
-        stale = (id(n) in self.dirty or not isinstance(old, torch.Tensor) or n.op in ("output", "get_attr")
-                 or any(a.name in self.changed for a in n.all_input_nodes))
-        if not stale and getattr(old, "fake_mode", None) is self._mode:
+        if not self._stale(n, old):
             return old
         self.recomputed += 1
         out = super().run_node(n)
-        new = n.meta.get("val")
-        if not _same_meta(old, new):
+        if not _same_meta(old, n.meta.get("val")):
             self.changed.add(n.name)
         return out
 
 
+def _reusable(val, mode) -> bool:
+    """A ``val`` that can be kept: a FakeTensor of this mode, a size (int or SymInt), or a
+    list/tuple of them (split, getitem sources)."""
+    if isinstance(val, torch.Tensor):
+        return getattr(val, "fake_mode", None) is mode
+    if isinstance(val, (list, tuple)):
+        return len(val) > 0 and all(_reusable(v, mode) for v in val)
+    return isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool)
+
+
 def _same_meta(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_meta(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, torch.SymInt)) and isinstance(b, (int, torch.SymInt)):
+        return str(a) == str(b)  # a SymInt that specialised to 2 is the int 2
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return a is b
     try:
@@ -61,9 +85,12 @@ def _same_meta(a, b) -> bool:
         return False
 
 
-def propagate_shapes(ir: GraphIR, dirty: set | None = None) -> None:
+def propagate_shapes(ir: GraphIR, dirty: set | None = None, rewired: dict[int, list] | None = None) -> int:
     """Refresh ``node.meta["val"]``. ``dirty``: the nodes a pass created or changed (by ``id``);
-    when given, only they and what their new shapes reach are recomputed."""
+    when given, only they and what their new shapes reach are recomputed. ``rewired``: nodes whose
+    op and constants are unchanged but whose input nodes are others, with the ``val`` of the inputs
+    they had (``id`` -> list); they are recomputed only if those differ from the new inputs'.
+    Returns how many nodes were computed."""
     placeholders = ir.placeholders()
     vals = [p.meta.get("val") for p in placeholders]
     fake_mode = next((getattr(v, "fake_mode", None) for v in vals if getattr(v, "fake_mode", None)), None)
@@ -75,13 +102,13 @@ def propagate_shapes(ir: GraphIR, dirty: set | None = None) -> None:
             try:
                 if dirty is None:
                     FakeTensorProp(ir.graph_module, mode=fake_mode).propagate_dont_convert_inputs(*vals)
-                else:
-                    prop = _IncrementalFakeTensorProp(ir.graph_module, fake_mode, set(dirty))
-                    prop.propagate_dont_convert_inputs(*vals)
-                    log.debug("shape propagation: %d of %d nodes recomputed", prop.recomputed, len(ir.graph.nodes))
+                    return len(ir.graph.nodes)
+                prop = _IncrementalFakeTensorProp(ir.graph_module, fake_mode, set(dirty), rewired)
+                prop.propagate_dont_convert_inputs(*vals)
+                log.debug("shape propagation: %d of %d nodes recomputed", prop.recomputed, len(ir.graph.nodes))
+                return prop.recomputed
             finally:
                 fake_mode.allow_non_fake_inputs = prev
-            return
         except Exception as e:  # fall back to a concrete run, which always works on valid graphs
             log.debug("symbolic shape propagation failed (%s); using the example inputs", e)
     with torch.no_grad():
@@ -90,3 +117,4 @@ def propagate_shapes(ir: GraphIR, dirty: set | None = None) -> None:
         tm = n.meta.get("tensor_meta")
         if tm is not None and hasattr(tm, "shape"):
             n.meta["val"] = torch.empty(tm.shape, dtype=tm.dtype, device="meta")
+    return len(ir.graph.nodes)

@@ -17,6 +17,8 @@ import logging
 import time
 from typing import Any
 
+from torch.fx.node import map_arg
+
 from graphopt.errors import GraphoptError, PassError, VerificationError
 from graphopt.ir.graph_ir import PROVENANCE, GraphIR
 from graphopt.passes.base import Pass, PassContext, PassResult
@@ -28,19 +30,32 @@ class StopPipeline(Exception):  # noqa: N818 - control flow, not an error
     """Raised by a ``graphopt_before_pass`` hook to end the pipeline before the current pass."""
 
 
-def _snapshot(ir: GraphIR) -> dict[int, tuple[Any, str]]:
-    return {id(n): (n.target, repr(n.args) + repr(n.kwargs)) for n in ir.graph.nodes}
+def _snapshot(ir: GraphIR) -> dict[int, tuple[Any, str, str, list]]:
+    """What each node is before a pass: its op, its args (node names included), its args with the
+    nodes blanked out (the constants), and the ``val`` of its input nodes."""
+    return {id(n): (n.target, repr(n.args) + repr(n.kwargs), _constants(n),
+                    [a.meta.get("val") for a in n.all_input_nodes]) for n in ir.graph.nodes}
 
 
-def _stamp(ir: GraphIR, before: dict[int, tuple[Any, str]], name: str) -> set[int]:
-    """Stamp the nodes the pass created or changed with its name; returns their ids."""
+def _constants(n: Any) -> str:
+    return repr(map_arg((n.args, n.kwargs), lambda _: "%"))
+
+
+def _stamp(ir: GraphIR, before: dict[int, tuple[Any, str, str, list]], name: str,
+           rewired: dict[int, list] | None = None) -> set[int]:
+    """Stamp the nodes the pass created or changed with its name; returns their ids. Nodes that
+    kept their op and constants but read other input nodes also go into ``rewired`` (id -> the
+    ``val`` of the inputs they had), first sighting kept: shape propagation skips them when the new
+    inputs have the same shapes."""
     touched = set()
     for n in ir.graph.nodes:
         old = before.get(id(n))
-        if old is None or old != (n.target, repr(n.args) + repr(n.kwargs)):
+        if old is None or old[:2] != (n.target, repr(n.args) + repr(n.kwargs)):
             if n.op not in ("placeholder", "output"):
                 n.meta[PROVENANCE] = name
             touched.add(id(n))
+            if rewired is not None and old is not None and old[0] == n.target and old[2] == _constants(n):
+                rewired.setdefault(id(n), old[3])
     return touched
 
 
@@ -97,6 +112,8 @@ class PassManager:
         changed_any = False
         iterations = 0
         touched: set[int] = set()
+        rewired: dict[int, list] = {}  # same op and constants, other input nodes (first sighting)
+        dirty: set[int] = set()  # new nodes, changed op or constants
         replaced, gm = False, ir.graph_module
         t0 = time.perf_counter()
         while True:
@@ -109,7 +126,14 @@ class PassManager:
             replaced = replaced or result.ir is not ir or result.ir.graph_module is not gm
             ir = result.ir
             if result.changed:
-                touched |= _stamp(ir, before, p.name)
+                now_rewired: dict[int, list] = {}
+                now = _stamp(ir, before, p.name, now_rewired)
+                touched |= now
+                dirty |= now - now_rewired.keys()
+                # rewired again in a later iteration of a fixpoint pass: the inputs its ``val`` was
+                # computed from are the ones of the first sighting
+                for k, v in now_rewired.items():
+                    rewired.setdefault(k, v)
             _merge_stats(stats, result.stats)
             changed_any |= result.changed
             if not (p.fixpoint and result.changed) or iterations >= p.max_iterations:
@@ -121,10 +145,11 @@ class PassManager:
         except Exception as e:
             raise PassError(f"pass {p.name!r} left an invalid graph: {e}") from e
         if changed_any:
-            # only what the pass touched (a pass that replaced the graph module or its placeholders
-            # gets a full propagation)
-            incremental = not replaced and not getattr(p, "changes_signature", False)
-            ir.propagate_shapes(touched if incremental else None)
+            # only what the pass touched (new placeholders included); a pass that replaced the graph
+            # module gets a full propagation
+            incremental = not replaced
+            rewired = {k: v for k, v in rewired.items() if k not in dirty}
+            ir.propagate_shapes(dirty if incremental else None, rewired if incremental else None)
         p.ensures(ir)
         log.debug("pass %s: changed=%s in %.3fs", p.name, changed_any, time.perf_counter() - t0)
         return PassResult(ir, changed_any, stats)

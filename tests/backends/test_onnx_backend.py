@@ -353,6 +353,29 @@ def test_ops_without_an_onnx_translation_are_still_decomposed(tmp_path):
         torch.testing.assert_close(runner.run([x])[0], model(x))
 
 
+def test_mixed_dtypes_still_get_their_casts(tmp_path):
+    """The exporter's type-promotion pass reads the fake tensors the program carries instead of
+    rerunning every node; the casts it inserts (int64 + float32, float16 * float32, a bool mask
+    times a float) are still there and the artifact computes what torch does."""
+
+    class Mixed(torch.nn.Module):
+        def forward(self, x, n, h):
+            y = (x + n) * h.to(torch.float16)     # int64 + float32, then float32 * float16
+            return torch.where(n > 0, y, y * 2) + (n > 3) * x, (n * 2).sum(-1)
+
+    ir = capture(Mixed(), (torch.randn(2, 8), torch.randint(-5, 5, (2, 8)), torch.randn(2, 8)),
+                 dynamic={name: {0: (1, 8)} for name in ("x", "n", "h")})
+    lowered, runner = _lower_and_load(ir, tmp_path)
+    assert lowered.payload["program"] == "direct"
+    assert "Cast" in {n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+    g = torch.Generator().manual_seed(3)
+    args = [torch.randn(5, 8, generator=g), torch.randint(-5, 5, (5, 8), generator=g), torch.randn(5, 8, generator=g)]
+    got, want = runner.run(args), Mixed()(*args)
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_transposed_weights_are_written_in_row_blocks_byte_for_byte(tmp_path):
     """Constant folding leaves ``Transpose(W)`` as a strided numpy view; it is written in
     contiguous row blocks (numpy writes such views element by element), with the same bytes."""
