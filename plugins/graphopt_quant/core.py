@@ -107,13 +107,17 @@ def is_lm_head(ir: GraphIR, lin: Linear) -> bool:
         _attr(ir.graph_module, lin.weight_attr).shape[0] > 4 * _attr(ir.graph_module, lin.weight_attr).shape[1]
 
 
-def select(ir: GraphIR, linears: list[Linear], skip: Sequence[str], include: Sequence[str]) -> tuple[list[Linear], list[str]]:
-    """Linears to quantize and the names skipped (default skip list + user patterns; ``include``
-    patterns win over both)."""
+def select(ir: GraphIR, linears: list[Linear], skip: Sequence[str], include: Sequence[str],
+           lm_head: bool = False) -> tuple[list[Linear], list[str]]:
+    """Linears to quantize and the names skipped: :data:`DEFAULT_SKIP` and the user's ``skip``
+    patterns, and the lm_head unless ``lm_head`` (a tied lm_head is named after its embedding
+    table, which the default patterns skip: it is kept out of them); ``include`` patterns win."""
     chosen, skipped = [], []
     for lin in linears:
         forced = any(fnmatch.fnmatch(lin.name, p) for p in include)
-        drop = any(fnmatch.fnmatch(lin.name, p) for p in skip) or is_lm_head(ir, lin)
+        head = is_lm_head(ir, lin)
+        drop = any(fnmatch.fnmatch(lin.name, p) for p in skip) or (
+            not lm_head if head else any(fnmatch.fnmatch(lin.name, p) for p in DEFAULT_SKIP))
         (skipped.append(lin.name) if drop and not forced else chosen.append(lin))
     return chosen, skipped
 

@@ -53,24 +53,31 @@ def _qdq_fake(x: torch.Tensor, scale: float, dtype: str) -> torch.Tensor:
 
 @torch.library.custom_op("graphopt::dequantize_linear", mutates_args=())
 def dequantize_linear(q: torch.Tensor, scale: torch.Tensor, axis: int, block_size: int) -> torch.Tensor:
-    """``q * scale`` with ``scale`` broadcast along ``axis`` (per channel) or repeated over blocks."""
-    s = _expand_scale(q, scale, axis, block_size)
-    return q.to(scale.dtype) * s
+    """``q * scale`` with ``scale`` broadcast along ``axis`` (per channel) or over blocks.
+
+    One float tensor of ``q``'s size is allocated and scaled in place, block by block through a
+    view (no expanded copy of ``scale``, no second product tensor): on a tied 1B lm_head the
+    expanded scale and the product were 2 GiB of transient memory."""
+    out = q.to(scale.dtype)
+    axis = axis % q.dim()
+    if block_size <= 0:
+        shape = [1] * q.dim()
+        shape[axis] = q.shape[axis]
+        return out.mul_(scale.reshape(shape))
+    n = q.shape[axis]
+    whole = n // block_size
+    if whole:
+        head = out.narrow(axis, 0, whole * block_size)
+        split = list(head.shape[:axis]) + [whole, block_size] + list(head.shape[axis + 1:])
+        head.view(split).mul_(scale.narrow(axis, 0, whole).unsqueeze(axis + 1))
+    if n > whole * block_size:  # a last, shorter block
+        out.narrow(axis, whole * block_size, n - whole * block_size).mul_(scale.narrow(axis, whole, 1))
+    return out
 
 
 @dequantize_linear.register_fake
 def _dq_fake(q: torch.Tensor, scale: torch.Tensor, axis: int, block_size: int) -> torch.Tensor:
     return torch.empty(q.shape, dtype=scale.dtype, device=q.device)
-
-
-def _expand_scale(q: torch.Tensor, scale: torch.Tensor, axis: int, block_size: int) -> torch.Tensor:
-    axis = axis % q.dim()
-    if block_size > 0:
-        s = scale.repeat_interleave(block_size, dim=axis)
-        return s.narrow(axis, 0, q.shape[axis])
-    shape = [1] * q.dim()
-    shape[axis] = q.shape[axis]
-    return scale.reshape(shape)
 
 
 # -- ONNX translations (onnxscript, used by the onnx target) -------------------------------------

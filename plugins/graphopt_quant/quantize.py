@@ -15,8 +15,13 @@ per-channel only on weights, blocks only for int4). SmoothQuant (Xiao et al. 202
 activation outliers into the weights per input channel, ``s_j = max|x_j|^α / max|W_:,j|^(1-α)``;
 ``1/s`` is folded into the preceding norm's weight where the norm feeds only those linears.
 
-Skipped by default: ``lm_head`` (and a linear tied to an embedding or producing the logits),
-anything named ``*embed*`` / ``*norm*``; ``skip=a*|b*`` adds patterns, ``include=`` overrides.
+Skipped by default: anything named ``*embed*`` / ``*norm*``, and the ``lm_head`` (a linear named
+so, tied to an embedding table or producing the logits) except with ``int4-weight``: there it is
+quantized like the others (``lm_head=auto``), as onnxruntime-genai's model builder does, because it
+is the largest single weight (a fifth of a 1B decoder's bytes, 1 GiB in fp32) and a weight-only
+decode step reads it in full; a tied table keeps its float copy for the embedding lookup.
+``lm_head=float`` keeps it in float, ``lm_head=quantize`` quantizes it with every scheme.
+``skip=a*|b*`` adds patterns, ``include=`` overrides.
 
 Accuracy guard: ``min_cosine=0.99`` / ``min_mean_cosine=0.998`` (worst / mean token cosine of the
 first output vs float, real tokens only when the graph has an ``attention_mask``) and/or ``max_ppl_increase=0.02`` (perplexity of the
@@ -58,6 +63,7 @@ class Quantize(graphopt.Pass):
         reduce_range: bool = False       # 7-bit int8 weights: needed by ONNX Runtime on x86 CPUs without VNNI
         skip: list[str] = dataclasses.field(default_factory=list)
         include: list[str] = dataclasses.field(default_factory=list)
+        lm_head: str = "auto"            # auto (int4-weight: quantized; others: float) | quantize | float
         min_cosine: float = 0.0          # guard: worst token cosine >= this (0: off)
         min_mean_cosine: float = 0.0     # guard: mean token cosine >= this (0: off)
         max_ppl_increase: float = 0.0    # guard: perplexity <= (1 + this) x float (0: off)
@@ -73,6 +79,8 @@ class Quantize(graphopt.Pass):
                 raise ValueError(f"alpha={self.alpha} must be in [0, 1]")
             if self.activations not in ("int8", "uint8"):
                 raise ValueError(f"activations={self.activations!r} must be int8 or uint8")
+            if self.lm_head not in ("auto", "quantize", "float"):
+                raise ValueError(f"lm_head={self.lm_head!r} must be auto, quantize or float")
 
     def __init__(self, options: Any = None):
         super().__init__(options)
@@ -88,7 +96,8 @@ class Quantize(graphopt.Pass):
             raise PassError(f"quantize(scheme={o.scheme}) needs activation scales: put calibrate(calib=...) "
                             "before it in the pipeline")
         linears = core.find_linears(ir)
-        chosen, skipped = core.select(ir, linears, core.DEFAULT_SKIP + tuple(o.skip), tuple(o.include))
+        head = o.lm_head == "quantize" or (o.lm_head == "auto" and o.scheme == "int4-weight")
+        chosen, skipped = core.select(ir, linears, tuple(o.skip), tuple(o.include), lm_head=head)
         self._inputs = core.layer_inputs(ir, sets[0], chosen) if sets else {}
         plans = {lin.name: self._plan(lin, ir, calib, linears) for lin in chosen}
         report: list[dict[str, Any]] = []

@@ -69,6 +69,35 @@ def test_observers_clip_outliers_and_are_deterministic():
 
 
 # -- calibrate ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, axis, block_size", [
+    ((70, 24), 0, 32),    # a last, shorter block
+    ((64, 24), 0, 32),
+    ((24, 70), 1, 16),    # blocks along the inner axis
+    ((5, 70, 3), 1, 16),
+    ((64, 24), 0, 0),     # per channel
+    ((24, 64), 1, 0),
+    ((30, 8), 0, 64),     # one block shorter than block_size
+])
+def test_dequantize_linear_is_q_times_the_repeated_scale(shape, axis, block_size):
+    """The op scales one float copy of q in place through a block view (no expanded scale, no
+    second product tensor); the values are exactly q * scale repeated over each block."""
+    import graphopt_quant.ops  # noqa: F401 - registers the op
+
+    g = torch.Generator().manual_seed(sum(shape) + block_size)
+    q = torch.randint(-8, 8, shape, dtype=torch.int8, generator=g)
+    n = shape[axis]
+    rows = -(-n // block_size) if block_size else n
+    scale = torch.rand(*(rows if i == axis else (1 if block_size == 0 else d) for i, d in enumerate(shape)),
+                       generator=g) + 0.1
+    if block_size == 0:
+        scale = scale.flatten()
+        want = q.float() * scale.reshape([n if i == axis else 1 for i in range(q.dim())])
+    else:
+        want = q.float() * scale.repeat_interleave(block_size, dim=axis).narrow(axis, 0, n)
+    got = torch.ops.graphopt.dequantize_linear(q, scale, axis, block_size)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 def test_calibrate_twice_gives_identical_scales(tiny_llama):
     a, _ = run_pipeline(tiny_llama.ir, specs(tiny_llama, scheme="w8a8", observer="entropy")[:1])
     b, _ = run_pipeline(tiny_llama.ir, specs(tiny_llama, scheme="w8a8", observer="entropy")[:1])
@@ -95,15 +124,55 @@ def test_scheme_rewrites_and_stays_close(tiny_llama, scheme, extra, min_cos):
     out, report = run_pipeline(tiny_llama.ir, specs(tiny_llama, scheme=scheme, **extra))
     ops = out.op_counts()
     assert ops.get(DQ, 0) > 0
-    assert ops.get("aten.linear", 0) == 1  # only lm_head stays float (default skip list)
+    # the lm_head stays float (default), except with int4-weight (lm_head=auto quantizes it there)
+    head_float = scheme != "int4-weight"
+    assert ops.get("aten.linear", 0) == int(head_float)
     assert (ops.get(QDQ, 0) > 0) == (scheme in ("w8a8", "smoothquant", "fp8"))
     assert cosine(tiny_llama.ir, out, tiny_llama) >= min_cos
     q = out.meta["quantization"]
-    assert q["quantized"] == 14 and any("lm_head" in s for s in q["skipped"])
+    assert q["quantized"] == 15 - head_float and any("lm_head" in s for s in q["skipped"]) == head_float
     assert all(np.isfinite(r["sqnr_db"]) and r["sqnr_db"] > 5 for r in q["layers"])
     if scheme == "int4-weight":
         qw = [t for n, t in out.graph_module.named_buffers() if n.endswith("_qweight")]
         assert all(t.dtype == torch.int8 and int(t.min()) >= -8 and int(t.max()) <= 7 for t in qw)
+
+
+@pytest.mark.parametrize("scheme, lm_head, quantized", [
+    ("int4-weight", "float", False),
+    ("int8-weight", "quantize", True),
+    ("int8-weight", "auto", False),
+])
+def test_lm_head_option(tiny_llama, scheme, lm_head, quantized):
+    out, _ = run_pipeline(tiny_llama.ir, [PassSpec("quantize", {"scheme": scheme, "lm_head": lm_head})])
+    q = out.meta["quantization"]
+    assert any("lm_head" in s for s in q["skipped"]) != quantized
+    assert out.op_counts().get("aten.linear", 0) == int(not quantized)
+    with pytest.raises(PassOptionError, match="lm_head"):
+        run_pipeline(tiny_llama.ir, [PassSpec("quantize", {"scheme": scheme, "lm_head": "yes"})])
+
+
+def test_int4_quantizes_a_tied_lm_head_and_the_embedding_keeps_its_table():
+    """A tied lm_head is named after the embedding table (which the default patterns skip): with
+    int4-weight it is quantized, the embedding lookup still reads the float table, and the model
+    stays close."""
+    from graphopt.model_loader import load_factory
+
+    model, ex, dyn = load_factory("samples/models/hf_llama.py:build")
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    ir = graphopt.capture(model, ex, dyn)
+    out, _ = run_pipeline(ir, [PassSpec("quantize", {"scheme": "int4-weight", "block_size": 32})])
+    q = out.meta["quantization"]
+    assert q["skipped"] == [] and out.op_counts().get("aten.linear", 0) == 0
+    emb = next(n for n in out.graph.nodes if n.target is torch.ops.aten.embedding.default)
+    table = out.graph_module.get_parameter(emb.args[0].target) if emb.args[0].op == "get_attr" else None
+    assert table is model.model.embed_tokens.weight  # the float table, shared, untouched
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    got = out.run([ids, mask])[0]
+    assert token_cosine(want, got)["worst"] > 0.95
 
 
 def test_smoothquant_folds_into_norms(tiny_llama):
@@ -211,13 +280,13 @@ def test_int4_weights_lower_as_int4_that_ort_fuses_and_tensorrt_accepts(tiny_lla
     blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
                and any(a.name == "block_size" for a in n.attribute)]
     inits = {i.name: i for i in model.graph.initializer}
-    assert len(blocked) == 14
+    assert len(blocked) == 15  # the lm_head too (int4-weight quantizes it by default)
     assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT4 for n in blocked)
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
     ort.InferenceSession(str(out / "model.onnx"), so, providers=["CPUExecutionProvider"])
     fused = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
-    assert fused.count("MatMulNBits") == 14, sorted(set(fused))
+    assert fused.count("MatMulNBits") == 15, sorted(set(fused))
     report = check_onnx(out / "model.onnx", version="10.15")
     assert not [f for f in report.findings if f.severity == "error"], report.format()
     quantized, _ = run_pipeline(tiny_llama.ir, pipe)
