@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model", choices=["tiny", "qwen0.5b", "llama1b"])
     ap.add_argument("--pipeline", default="cleanup,fuse,kv-cache")
     ap.add_argument("--target", default="onnx")
-    ap.add_argument("--out", default=None, help="artifact directory (default: a temporary one)")
+    ap.add_argument("--out", default=None, help="keep the artifact in this directory (default: a temporary one, "
+                    "deleted at the end)")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args(argv)
 
@@ -32,10 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    import graphopt
     from bench.cases.scale import MODELS
     from bench.machine import describe
-    from graphopt.cli import _Progress
     from graphopt.memory import GIB, rss_bytes
 
     label, config = MODELS[args.model]
@@ -52,6 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.randint(0, min(cfg.vocab_size, 32000), (2, 16), generator=g)
     dyn = {n: {0: (1, 8), 1: (1, 512)} for n in ("input_ids", "attention_mask")}
     out = args.out or tempfile.mkdtemp(prefix="graphopt-profile-")
+    try:
+        return _profile(args, label, model, weights, ids, dyn, out, describe)
+    finally:
+        if args.out is None:  # a 1B artifact is 4.6 GiB: do not leave one behind per run
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _profile(args, label, model, weights, ids, dyn, out, describe) -> int:
+    import torch
+
+    import graphopt
+    from graphopt.cli import _Progress
+    from graphopt.memory import GIB
+
     t1 = time.perf_counter()
     art = graphopt.compile(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, pipeline=args.pipeline,
                            target=args.target, out=out, dynamic=dyn, progress=_Progress(False), report=None)
