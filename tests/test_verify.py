@@ -685,3 +685,58 @@ def test_verifier_checks_against_the_original(lm_ir):
     assert rec["policy"] == "allclose(rtol=1e-05, atol=1e-05)"
     ref = v.reference64()
     assert ref is not None and len(ref) == 2 and ref[0][0].dtype == torch.float64
+
+
+# -- passes whose outputs compute the same thing need no new forward ---------------------------
+class _Twice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        a = torch.relu(self.lin(x))
+        b = torch.relu(self.lin(x))  # a duplicate CSE merges
+        unused = x * 3  # noqa: F841 - dead code DCE drops
+        return a + b
+
+
+def test_computation_digest_ignores_dead_code_duplicates_and_names():
+    from graphopt.instruments import computation_digest
+
+    ir = capture(_Twice(), (torch.randn(2, 8),), {"x": {0: (1, 8)}})
+    before = computation_digest(ir)
+    assert before is not None
+    _, out, _, _ = graphopt.optimize(ir.copy(), "eliminate-common-subexpressions,eliminate-dead-code", verify=False)
+    assert out.node_count() < ir.node_count()
+    assert computation_digest(out) == before
+    # a changed op, or a weight written in place, is another computation
+    relu = next(n for n in out.graph.nodes if n.target is torch.ops.aten.relu.default)
+    relu.target = torch.ops.aten.gelu.default
+    assert computation_digest(out) != before
+    relu.target = torch.ops.aten.relu.default
+    assert computation_digest(out) == before
+    w = next(t for t in out.graph_module.parameters())
+    with torch.no_grad():
+        w.add_(1.0)
+    assert computation_digest(out) != before
+
+
+def test_cse_and_dce_reuse_the_previous_check_in_the_report():
+    ir = capture(_Twice(), (torch.randn(2, 8),), {"x": {0: (1, 8)}})
+    _, _, report, _ = graphopt.optimize(ir, "remove-noops,eliminate-common-subexpressions,eliminate-dead-code")
+    passes = {p["name"]: p for p in report.data["passes"]}
+    for name in ("eliminate-common-subexpressions", "eliminate-dead-code"):
+        v = passes[name]["verify"]
+        assert passes[name]["changed"] and v["passed"] and v["skipped"], (name, v)
+        assert "same ops from the same inputs and weights" in v["message"]
+
+
+def test_a_random_op_disables_the_shortcut():
+    from graphopt.instruments import computation_digest
+
+    class Noisy(torch.nn.Module):
+        def forward(self, x):
+            return x + torch.rand_like(x)
+
+    ir = capture(Noisy(), (torch.randn(2, 8),), {"x": {0: (1, 8)}})
+    assert computation_digest(ir) is None

@@ -66,6 +66,7 @@ def graphopt_before_pass(pass_, ir, ctx):
 
     if ctx.verify and ctx.verifier is not None:
         ctx.data["_fingerprint"] = _fingerprint(ir)
+        ctx.data["_computation"] = computation_digest(ir)
     if ctx.verify and ctx.verifier is not None and isinstance(pass_.verification, Equivalence):
         # a calling-convention change is checked against the graph it rewrote (after a lossy pass
         # such as quantize, that graph, not the captured one): keep it (weights are shared)
@@ -91,21 +92,81 @@ def graphopt_after_pass(pass_, ir, result, ctx):
         if rec is not None:
             rec["ir_dump"] = str(f)
     if ctx.verify and ctx.verifier is not None:
+        before = ctx.data.pop("_computation", None)
         if not result.changed and ctx.data.pop("_fingerprint", None) == _fingerprint(ir):
             # same code, same tensors, same interface as the graph the previous check passed: that
             # check stands (a large model's forward is seconds; fold-constants often finds nothing)
-            ctx.data.pop("_pre_pass_ir", None)
-            if rec is not None:
-                rec["verify"] = {"policy": (pass_.verification.describe() if pass_.verification else "allclose"),
-                                 "passed": True, "skipped": True, "error_vs_previous": 0.0,
-                                 **getattr(ctx.verifier, "last_record", {}),
-                                 "message": "graph unchanged by the pass (same code and weights): the previous "
-                                            "check stands", "time_s": 0.0}
+            _stands(pass_, ctx, rec, "graph unchanged by the pass (same code and weights): the previous check stands")
+        elif before is not None and before == computation_digest(ir):
+            # the outputs are computed by the same ops on the same inputs and weights as before the
+            # pass (it removed dead code or merged duplicate nodes): the previous check stands
+            _stands(pass_, ctx, rec, "the outputs are computed by the same ops from the same inputs and weights as "
+                                     "before the pass (dead code and duplicate nodes aside): the previous check stands")
         else:
             _verify(pass_, ir, ctx, rec)
     _end_phase(ctx, rec)
     if ctx.progress:
         ctx.progress("end", pass_=pass_, index=ctx.index, total=len(ctx.passes), record=rec)
+
+
+def _stands(pass_, ctx, rec, message: str) -> None:
+    ctx.data.pop("_pre_pass_ir", None)
+    if rec is not None:
+        rec["verify"] = {"policy": (pass_.verification.describe() if pass_.verification else "allclose"),
+                         "passed": True, "skipped": True, "error_vs_previous": 0.0,
+                         **getattr(ctx.verifier, "last_record", {}), "message": message, "time_s": 0.0}
+
+
+def computation_digest(ir) -> tuple | None:
+    """What the graph's outputs compute, independent of node names, node order, dead code and
+    duplicate nodes: each node in the outputs' cone gets a digest of its op and its arguments (the
+    digests of its input nodes; placeholders by position, weights by the identity, version, shape
+    and dtype of their tensor). Two graphs with the same digest compute the same function, so a
+    pass that leaves it unchanged (dead-code elimination, CSE) needs no new numeric check. ``None``
+    (no shortcut) when the cone holds an op that is random or writes in place, a submodule or a
+    method call."""
+    import hashlib
+
+    import torch
+    from torch.fx.node import map_arg
+
+    graph = ir.graph
+    out = ir.output_node()
+    cone: set = set()
+    stack = [out]
+    while stack:
+        n = stack.pop()
+        if n in cone:
+            continue
+        cone.add(n)
+        stack.extend(n.all_input_nodes)
+    digest: dict = {}
+    positions = {n: i for i, n in enumerate(ir.placeholders())}
+    for n in graph.nodes:  # topological: inputs first
+        if n not in cone:
+            continue
+        if n.op == "placeholder":
+            text = f"in:{positions[n]}"
+        elif n.op == "get_attr":
+            t = ir.graph_module
+            for part in n.target.split("."):
+                t = getattr(t, part, None)
+            if isinstance(t, torch.Tensor):
+                text = f"w:{id(t)}:{_data_ptr(t)}:{t._version}:{tuple(t.shape)}:{t.dtype}"
+            else:
+                return None
+        elif n.op in ("call_function", "output"):
+            target = n.target
+            if isinstance(target, torch._ops.OpOverload) and (
+                    target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags):
+                return None
+            name = getattr(target, "__qualname__", None) or str(target)
+            mod = getattr(target, "__module__", "")
+            text = f"{n.op}:{mod}.{name}:{map_arg((n.args, n.kwargs), lambda a: digest[a])!r}"
+        else:
+            return None
+        digest[n] = hashlib.sha1(text.encode()).hexdigest()
+    return digest[out], tuple(ir.input_names), tuple(ir.output_names)
 
 
 def _fingerprint(ir) -> tuple:
@@ -162,3 +223,10 @@ def graphopt_pass_failed(pass_, ir, error, ctx):
         path.mkdir(parents=True, exist_ok=True)
         (path / f"{ctx.index + 1:03d}_{pass_.name.replace('-', '_')}.FAILED.txt").write_text(
             f"# pass {pass_.spec()} failed: {error}\n" + ir.format() + "\n")
+
+
+def _data_ptr(t) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # fake/meta tensors have no storage
+        return 0

@@ -171,25 +171,44 @@ def quantize_weight(w: torch.Tensor, fmt: str, block_size: int = 0,
     """``w [out, in]`` → ``(q [in, out], scale, axis, block_size)`` for ``dequantize_linear``:
     int8 / fp8 per output channel (axis 1 of the transposed weight), int4 in blocks of
     ``block_size`` input channels (axis 0), symmetric, zero point 0. ``reduce_range``: int8 weights
-    use 7 bits ([-64, 63]) so that u8 x s8 pair sums fit int16 (x86 AVX2 kernels without VNNI)."""
-    wt = w.detach().t().contiguous().float()  # [K, N]
+    use 7 bits ([-64, 63]) so that u8 x s8 pair sums fit int16 (x86 AVX2 kernels without VNNI).
+
+    Output channels are independent, so they are quantized in chunks of about 64 MiB of float
+    values: a 1 GiB lm_head no longer needs its transposed copy, padded copy, expanded scales and
+    quotient (4 GiB) at once."""
+    n_out, k = w.shape
+    step = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    q = torch.empty(k, n_out, dtype=torch.float8_e4m3fn if fmt == "float8_e4m3fn" else torch.int8)
+    scales = []
+    with torch.no_grad():
+        for r0 in range(0, n_out, step):
+            qc, sc = _quantize_columns(w[r0:r0 + step].detach().t().float(), fmt, block_size, reduce_range)
+            q[:, r0:r0 + step] = qc
+            scales.append(sc)
+    scale = torch.cat(scales, dim=-1)  # int4 [blocks, N], per channel [N]
+    return (q, scale, 0, block_size) if fmt == "int4" else (q, scale, 1, 0)
+
+
+_CHUNK_ELEMENTS = 16 << 20
+
+
+def _quantize_columns(wt: torch.Tensor, fmt: str, block_size: int, reduce_range: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``wt [K, n]`` (columns = output channels) → quantized values and their scales."""
     if fmt == "int4":
         k, n = wt.shape
         nb = math.ceil(k / block_size)
         pad = nb * block_size - k
         wp = torch.cat([wt, wt.new_zeros(pad, n)]) if pad else wt
-        amax = wp.reshape(nb, block_size, n).abs().amax(1)  # [nb, N]
+        amax = wp.reshape(nb, block_size, n).abs().amax(1)  # [nb, n]
         scale = torch.where(amax > 0, amax / QMAX["int4"], torch.ones_like(amax))
         q = torch.clamp(torch.round(wt / scale.repeat_interleave(block_size, 0)[:k]), -8, 7).to(torch.int8)
-        return q, scale, 0, block_size
-    amax = wt.abs().amax(0)  # [N]
+        return q, scale
+    amax = wt.abs().amax(0)  # [n]
     qmax = 63.0 if (fmt == "int8" and reduce_range) else QMAX[fmt]
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     if fmt == "int8":
-        q = torch.clamp(torch.round(wt / scale), -qmax - 1, qmax).to(torch.int8)
-    else:
-        q = torch.clamp(wt / scale, -448, 448).to(torch.float8_e4m3fn)
-    return q, scale, 1, 0
+        return torch.clamp(torch.round(wt / scale), -qmax - 1, qmax).to(torch.int8), scale
+    return torch.clamp(wt / scale, -448, 448).to(torch.float8_e4m3fn), scale
 
 
 def weight_format(scheme: str) -> str:
