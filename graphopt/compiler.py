@@ -116,6 +116,11 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
                          "yourself (model.to(torch.bfloat16) in the factory) instead")
     tracker = tracker or PhaseTracker(progress)
     if isinstance(model, GraphIR):
+        if example_inputs is not None or dynamic is not None:
+            hint = (f"; {example_inputs!r} looks like a pipeline: pass pipeline={example_inputs!r}"
+                    if isinstance(example_inputs, str) else "")
+            raise InputError("a captured GraphIR carries its example inputs and dynamic dims: pass neither "
+                             f"example_inputs nor dynamic with it{hint}")
         ir = model
     else:
         dynamic, notes = plan_dynamic(model, example_inputs, dynamic, passes)
@@ -257,6 +262,11 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
     if not isinstance(model, GraphIR):
         estimate = check_memory(model, passes, verify=verify, target=target, enabled=memory_check)
     if isinstance(model, GraphIR):
+        if example_inputs is not None or dynamic is not None:
+            hint = (f"; {example_inputs!r} looks like a pipeline: pass pipeline={example_inputs!r}"
+                    if isinstance(example_inputs, str) else "")
+            raise InputError("a captured GraphIR carries its example inputs and dynamic dims: pass neither "
+                             f"example_inputs nor dynamic with it{hint}")
         ir = model
     else:
         dynamic, notes = plan_dynamic(model, example_inputs, dynamic, passes)

@@ -706,7 +706,7 @@ def test_computation_digest_ignores_dead_code_duplicates_and_names():
     ir = capture(_Twice(), (torch.randn(2, 8),), {"x": {0: (1, 8)}})
     before = computation_digest(ir)
     assert before is not None
-    _, out, _, _ = graphopt.optimize(ir.copy(), "eliminate-common-subexpressions,eliminate-dead-code", verify=False)
+    _, out, _, _ = graphopt.optimize(ir.copy(), pipeline="eliminate-common-subexpressions,eliminate-dead-code", verify=False)
     assert out.node_count() < ir.node_count()
     assert computation_digest(out) == before
     # a changed op, or a weight written in place, is another computation
@@ -723,7 +723,7 @@ def test_computation_digest_ignores_dead_code_duplicates_and_names():
 
 def test_cse_and_dce_reuse_the_previous_check_in_the_report():
     ir = capture(_Twice(), (torch.randn(2, 8),), {"x": {0: (1, 8)}})
-    _, _, report, _ = graphopt.optimize(ir, "remove-noops,eliminate-common-subexpressions,eliminate-dead-code")
+    _, _, report, _ = graphopt.optimize(ir, pipeline="remove-noops,eliminate-common-subexpressions,eliminate-dead-code")
     passes = {p["name"]: p for p in report.data["passes"]}
     for name in ("eliminate-common-subexpressions", "eliminate-dead-code"):
         v = passes[name]["verify"]
@@ -740,3 +740,13 @@ def test_a_random_op_disables_the_shortcut():
 
     ir = capture(Noisy(), (torch.randn(2, 8),), {"x": {0: (1, 8)}})
     assert computation_digest(ir) is None
+
+
+def test_a_graph_ir_with_example_inputs_or_a_positional_pipeline_is_refused():
+    """``optimize(ir, "a,b")`` used to run the default pipeline silently (the string went into
+    example_inputs, which a captured graph does not take)."""
+    ir = capture(_Twice(), (torch.randn(2, 8),), {"x": {0: (1, 8)}})
+    with pytest.raises(graphopt.InputError, match="pass pipeline='eliminate-dead-code'"):
+        graphopt.optimize(ir, "eliminate-dead-code")
+    with pytest.raises(graphopt.InputError, match="carries its example inputs"):
+        graphopt.optimize(ir, (torch.randn(2, 8),), pipeline="cleanup")

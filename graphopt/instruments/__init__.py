@@ -157,8 +157,7 @@ def computation_digest(ir) -> tuple | None:
                 return None
         elif n.op in ("call_function", "output"):
             target = n.target
-            if isinstance(target, torch._ops.OpOverload) and (
-                    target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags):
+            if isinstance(target, torch._ops.OpOverload) and (target._schema.is_mutable or _random(n)):
                 return None
             name = getattr(target, "__qualname__", None) or str(target)
             mod = getattr(target, "__module__", "")
@@ -223,6 +222,23 @@ def graphopt_pass_failed(pass_, ir, error, ctx):
         path.mkdir(parents=True, exist_ok=True)
         (path / f"{ctx.index + 1:03d}_{pass_.name.replace('-', '_')}.FAILED.txt").write_text(
             f"# pass {pass_.spec()} failed: {error}\n" + ir.format() + "\n")
+
+
+def _random(n) -> bool:
+    """Whether the node draws random numbers: ops tagged so, except attention and dropout
+    without dropout (``dropout_p=0``, ``train=False``: what inference graphs hold)."""
+    import torch
+
+    if torch.Tag.nondeterministic_seeded not in n.target.tags:
+        return False
+    schema = n.target._schema
+    values = {a.name: (n.args[i] if i < len(n.args) else n.kwargs.get(a.name, a.default_value))
+              for i, a in enumerate(schema.arguments)}
+    if "dropout_p" in values:
+        return values["dropout_p"] not in (0, 0.0, None)
+    if "train" in values and "p" in values:
+        return bool(values["train"]) and values["p"] not in (0, 0.0)
+    return True
 
 
 def _data_ptr(t) -> int:
