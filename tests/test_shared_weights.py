@@ -126,7 +126,7 @@ def test_large_models_stream_weights_to_external_data(tmp_path, monkeypatch):
     got = eng(input_ids=ids, attention_mask=torch.ones_like(ids))["logits"]
     want = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
-    assert cos > 0.99
+    assert cos > 0.98  # int4 weights, the lm_head's included (int4-weight quantizes it by default)
 
 
 def test_unchanged_exported_weights_are_moved_not_copied(tmp_path, monkeypatch):
@@ -185,6 +185,10 @@ def test_compile_memory_stays_within_budget(tmp_path):
     w, mem = res["weights"] / 2**30, res["memory"]
     phases = {p["phase"]: p for p in mem["phases"]}
     before = phases["capture"]["rss_gib"]
-    assert phases["verify:setup"]["rss_gib"] - before < 0.15 * w, phases  # the original shares the weights
+    # the original shares the weights: what this phase adds is the first forward's working set
+    # (capture takes the output structure from torch.export's spec, so the reference outputs are the
+    # first forward of the compile, ~0.17x the weights here: a vocab-sized logits tensor); a copy
+    # of the embedding table alone would be half the weights
+    assert phases["verify:setup"]["rss_gib"] - before < 0.3 * w, phases
     assert phases["lower"]["peak_rss_gib"] - before < 0.3 * w + 0.6, phases
     assert mem["peak_rss_gib"] - mem["baseline_rss_gib"] <= 1.3 * w + 0.8, mem
