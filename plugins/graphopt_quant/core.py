@@ -182,7 +182,7 @@ def quantize_weight(w: torch.Tensor, fmt: str, block_size: int = 0,
     scales = []
     with torch.no_grad():
         for r0 in range(0, n_out, step):
-            qc, sc = _quantize_columns(w[r0:r0 + step].detach().t().float(), fmt, block_size, reduce_range)
+            qc, sc = _quantize_columns(w[r0:r0 + step].detach().t().contiguous().float(), fmt, block_size, reduce_range)
             q[:, r0:r0 + step] = qc
             scales.append(sc)
     scale = torch.cat(scales, dim=-1)  # int4 [blocks, N], per channel [N]
