@@ -454,6 +454,12 @@ class LoweringCheck:
     hold) so that the session's copy of the weights never lives beside them."""
 
     def __init__(self, backend, verifier: Verifier, ir: GraphIR):
+        from graphopt.verify.kernels import verification_kernels
+
+        with verification_kernels():
+            self._prepare(backend, verifier, ir)
+
+    def _prepare(self, backend, verifier: Verifier, ir: GraphIR) -> None:
         from graphopt.verify.verifier import inputs_with_sizes, run_float64
 
         self.policy = lowering_policy(backend, ir)

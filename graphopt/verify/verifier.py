@@ -15,6 +15,7 @@ import torch
 import torch.fx
 
 from graphopt.ir.graph_ir import PROVENANCE, GraphIR, op_name
+from graphopt.verify.kernels import verification_kernels
 from graphopt.verify.policies import Evidence, Outcome, Policy, max_abs_error
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,8 @@ class Verifier:
         self.input_sets = input_sets
         #: how the sets were made (:func:`verification_plan`): a rebase makes its new sets the same way
         self.plan = plan or {"include_example": True, "step": 3, "n_random": max(len(input_sets) - 1, 1)}
-        self.original_outputs = [original.run(inp) for inp in input_sets]
+        with verification_kernels():
+            self.original_outputs = [original.run(inp) for inp in input_sets]
         self.previous = self.original_outputs
         # After a lossy pass (a Metric policy: pruning, quantization) has been accepted, later
         # closeness policies (exact, allclose) hold each pass to the graph before it; Metric
@@ -237,7 +239,12 @@ class Verifier:
     def check(self, ir: GraphIR, policy: Policy, before: GraphIR | None = None) -> tuple[Outcome, dict]:
         """Check ``ir`` with ``policy``. ``before``: the graph the pass rewrote, which an
         :class:`Equivalence` policy compares with (it is linked to the original by the checks of
-        the passes before it); the original when not given."""
+        the passes before it); the original when not given. Forwards run in
+        :func:`~graphopt.verify.kernels.verification_kernels`."""
+        with verification_kernels():
+            return self._check(ir, policy, before)
+
+    def _check(self, ir: GraphIR, policy: Policy, before: GraphIR | None) -> tuple[Outcome, dict]:
         from graphopt.verify.policies import Equivalence
 
         names = self.original.output_names
@@ -305,7 +312,8 @@ class Verifier:
                                                    include_example=self.plan["include_example"],
                                                    step=self.plan["step"],
                                                    halve_long_dims=self.plan.get("halve_long_dims", False))
-        self.original_outputs = [self.original.run(inp) for inp in self.input_sets]
+        with verification_kernels():
+            self.original_outputs = [self.original.run(inp) for inp in self.input_sets]
         self.previous = self.baseline = self.original_outputs
         self._ref64, self._ref64_done, self._ref64_error = None, False, None
 
