@@ -388,7 +388,9 @@ def _export(module, args, kwargs, names, dims) -> tuple[torch.fx.GraphModule, An
                                    "supported; pass all inputs as a dict")
         else:
             dynamic_shapes = tuple(dims.get(n) for n in names)
-    with torch.no_grad():
+    from graphopt.ir.shapes import fake_tensor_cache_off
+
+    with torch.no_grad(), fake_tensor_cache_off():
         ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     try:
         gm = ep.module(check_guards=False)

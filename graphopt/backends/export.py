@@ -186,6 +186,7 @@ def program_from_ir(ir: GraphIR) -> torch.export.ExportedProgram:
                                                                              dynamic_shapes)
         with fake_mode:
             fake_weights = [fake_mode.from_tensor(t, static_shapes=True) for _, t in weights]
+        fake_mode.cache_enabled = False  # see fake_tensor_cache_off; torch.onnx's reruns use this mode too
         with torch.no_grad():
             FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*fake_weights, *fake_args)
     except Exception as e:  # noqa: BLE001 - the re-export reports what is really wrong, if anything
