@@ -629,6 +629,10 @@ def _optimize_light(model: Any) -> None:
     onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
+#: columns per tile of the blocked transposition in :func:`_write_transposed_in_rows`
+TILE_COLUMNS = 512
+
+
 def _write_transposed_in_rows(model: Any) -> int:
     """The exporter writes ``linear`` as ``MatMul(x, Transpose(W))`` and constant folding turns
     ``Transpose(W)`` into a numpy VIEW of the torch weight (no copy, good), which numpy's
@@ -650,10 +654,17 @@ def _write_transposed_in_rows(model: Any) -> int:
             rows = max(1, (64 << 20) // max(1, a[0].nbytes))
             for i in range(0, a.shape[0], rows):
                 try:  # torch's strided copy is blocked and threaded: ~3x numpy's on a transposed view
-                    block = torch.from_numpy(a[i:i + rows]).contiguous().numpy()
+                    src = torch.from_numpy(a[i:i + rows])
                 except TypeError:  # a dtype torch does not take from numpy
-                    block = np.ascontiguousarray(a[i:i + rows])
-                file.write(block.data)
+                    file.write(np.ascontiguousarray(a[i:i + rows]).data)
+                    continue
+                # in tiles of 512 columns: a block of a wide transposed view (a tied lm_head's,
+                # [hidden, vocab]) copied at once writes to every one of its rows for each source
+                # row, 4x slower (2.4 s instead of 0.5 s for the 0.5B shape's 151936 x 896)
+                block = torch.empty(src.shape, dtype=src.dtype)
+                for c in range(0, src.shape[-1], TILE_COLUMNS):
+                    block[..., c:c + TILE_COLUMNS].copy_(src[..., c:c + TILE_COLUMNS])
+                file.write(block.numpy().data)
 
     wrapped = 0
     for graph in (model.graph, *model.graph.subgraphs()):

@@ -376,26 +376,36 @@ def test_mixed_dtypes_still_get_their_casts(tmp_path):
         torch.testing.assert_close(a, b)
 
 
-def test_transposed_weights_are_written_in_row_blocks_byte_for_byte(tmp_path):
+@pytest.mark.parametrize("tile", [512, 7])
+def test_transposed_weights_are_written_in_row_blocks_byte_for_byte(tmp_path, monkeypatch, tile):
     """Constant folding leaves ``Transpose(W)`` as a strided numpy view; it is written in
-    contiguous row blocks (numpy writes such views element by element), with the same bytes."""
+    contiguous row blocks copied in column tiles (numpy writes such views element by element),
+    with the same bytes: one tile, and many with a partial last one, for a 2-D and a 3-D view."""
     import onnx_ir
 
-    w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    monkeypatch.setattr(onnx_backend, "TILE_COLUMNS", tile)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    u = rng.standard_normal((4, 5, 30)).astype(np.float32).transpose(2, 0, 1)  # [30, 4, 5], strided
 
     def model():
         x = onnx_ir.Value(name="x", shape=onnx_ir.Shape([2, 48]), type=onnx_ir.TensorType(onnx_ir.DataType.FLOAT))
         wt = onnx_ir.Value(name="wt", const_value=onnx_ir.Tensor(w.T, name="wt"))
+        ut = onnx_ir.Value(name="ut", const_value=onnx_ir.Tensor(u, name="ut"))
         node = onnx_ir.node("MatMul", [x, wt])
         node.outputs[0].name = "y"
-        graph = onnx_ir.Graph([x], node.outputs, nodes=[node], initializers=[wt], opset_imports={"": 20})
+        total = onnx_ir.node("ReduceSum", [ut])
+        total.outputs[0].name = "s"
+        graph = onnx_ir.Graph([x], [*node.outputs, *total.outputs], nodes=[node, total], initializers=[wt, ut],
+                              opset_imports={"": 20})
         return onnx_ir.Model(graph, ir_version=10)
 
     plain, blocked = model(), model()
-    assert onnx_backend._write_transposed_in_rows(blocked) == 1
+    assert onnx_backend._write_transposed_in_rows(blocked) == 2
     for m, name in ((plain, "plain"), (blocked, "blocked")):
         onnx_ir.save(m, str(tmp_path / f"{name}.onnx"), external_data=f"{name}.data", alignment=4096)
     assert (tmp_path / "plain.data").read_bytes() == (tmp_path / "blocked.data").read_bytes()
     x = np.random.default_rng(1).standard_normal((2, 48)).astype(np.float32)
-    got = onnxruntime.InferenceSession(str(tmp_path / "blocked.onnx")).run(None, {"x": x})[0]
+    got, total = onnxruntime.InferenceSession(str(tmp_path / "blocked.onnx")).run(None, {"x": x})
     np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(total, u.sum(), rtol=1e-4)
