@@ -348,6 +348,11 @@ def capture(module: torch.nn.Module, example_inputs: Any, dynamic: DynamicSpec |
         ir.propagate_shapes()
     for n in gm.graph.nodes:
         n.meta[PROVENANCE] = "capture"
+    env = getattr(getattr(placeholders[0].meta.get("val") if placeholders else None, "fake_mode", None), "shape_env", None)
+    if env is not None:
+        # what torch.export's trace established about the dims: the lowering reuses the graph's
+        # values only while no pass has added to it (graphopt.backends.export._reusable_values)
+        ir.meta["capture_shape_facts"] = _shape_facts(env)
 
     sym_names = {}
     for n, name in zip(placeholders, names):
@@ -363,6 +368,13 @@ def capture(module: torch.nn.Module, example_inputs: Any, dynamic: DynamicSpec |
 
 
 _NOT_RUN = object()
+
+
+def _shape_facts(env) -> list[int]:
+    """How many guards and runtime assertions a shape environment holds (a pass whose
+    propagation specialises or constrains a dim adds one)."""
+    asserts = getattr(env, "deferred_runtime_asserts", {}) or {}
+    return [len(env.guards), sum(len(v) for v in asserts.values()), len(getattr(env, "divisible", ()) or ())]
 
 
 def _run_eagerly(module, args, kwargs) -> Any:

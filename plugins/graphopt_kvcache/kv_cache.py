@@ -157,12 +157,15 @@ class KVCache(Pass):
                 new_inputs.append((f"past_{kind}_{i}", TensorSpec(f"past_{kind}_{i}", dtype_name(val.dtype), shape, dyn), ex))
         last_ph = placeholders[-1]
         new_nodes: dict[str, torch.fx.Node] = {}
+        vals = _symbolic_vals(ids_node.meta.get("val"), new_inputs, static, past_example, max_len)
         with graph.inserting_after(last_ph):
             anchor = last_ph
             for name, _spec, ex in new_inputs:
                 with graph.inserting_after(anchor):
                     n = graph.placeholder(name)
-                n.meta["val"] = ex  # concrete; shape propagation after the pass recomputes
+                # symbolic in the capture's shape environment where there is one (the past length
+                # a new symbol), so that propagation and the lowering keep the dims dynamic
+                n.meta["val"] = vals.get(name, ex)
                 new_nodes[name] = n
                 anchor = n
 
@@ -269,6 +272,46 @@ class KVCache(Pass):
         ir.recompile()
         return PassResult(ir, True, {"layers": len(attns), "positions_rewired": rewired,
                                      "gqa": sum(1 for a in attns if a.repeat > 1 or a.gqa_kwarg)})
+
+
+def _symbolic_vals(ids_val, new_inputs: list, static: bool, past_example: int, max_len: int) -> dict[str, torch.Tensor]:
+    """Fake tensors for the new inputs in the fake mode of the captured ``ids`` (``{}`` when the
+    graph has none, a ``symbolic_trace`` capture): the batch dim is the ids' batch (a symbol when
+    dynamic), the past length a new symbol with range 0..max_len - 1 (dynamic cache). With them
+    shape propagation after the pass computes every attention shape for any past length, and the
+    ONNX lowering reuses the graph's values instead of propagating it again in a new shape
+    environment (seconds per layer-stack on a real-size model)."""
+    mode = getattr(ids_val, "fake_mode", None)
+    env = getattr(mode, "shape_env", None)
+    if env is None:
+        return {}
+    try:
+        from torch._dynamo.source import ConstantSource
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, StrictMinMaxConstraint
+        from torch.utils._sympy.value_ranges import ValueRanges
+
+        batch = ids_val.shape[0]
+        past = None
+        if not static:
+            source = ConstantSource("graphopt_kv_cache_past_length")
+            sym = env.create_symbol(past_example, source, dynamic_dim=DimDynamic.DYNAMIC,
+                                    constraint_dim=StrictMinMaxConstraint(vr=ValueRanges(0, max_len - 1), warn_only=False),
+                                    do_not_specialize_zero_one=True)
+            past = env.create_symintnode(sym, hint=past_example, source=source)
+        vals = {}
+        with mode:
+            for name, _spec, ex in new_inputs:
+                if name == "cache_position":
+                    shape = list(ex.shape)
+                else:  # [batch, ..., past or the static length, ...]: the past dim is dim 1 (mask) or 2
+                    shape = [batch, *ex.shape[1:]]
+                    if past is not None:
+                        shape[1 if ex.dim() == 2 else 2] = past
+                vals[name] = torch.empty(shape, dtype=ex.dtype)
+        return vals
+    except Exception as e:  # noqa: BLE001 - another torch layout: concrete values, propagated as before
+        log.debug("kv-cache: symbolic cache inputs unavailable (%s); using concrete examples", e)
+        return {}
 
 
 def _roles(ir: GraphIR, ids_name: str) -> tuple[TensorSpec, TensorSpec | None]:
