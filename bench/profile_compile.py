@@ -77,6 +77,7 @@ def _profile(args, label, model, weights, ids, dyn, out, describe) -> int:
               "weights_gib": round(weights / GIB, 3), "compile_s": round(total, 1),
               "verification_s": round(verify_s, 1), "memory": mem,
               "artifact_gib": round(sum(f.stat().st_size for f in Path(art.path).iterdir()) / GIB, 3),
+              "lowering_check_s": (art.report["lowering"].get("verify") or {}).get("timings"),
               "machine": describe(torch.get_num_threads(), "cpu")}
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
     print(f"compile {total:.0f}s (verification {verify_s:.0f}s), peak {mem['peak_rss_gib']:.2f} GiB = "

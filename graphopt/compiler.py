@@ -137,7 +137,8 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
         if verify:
             plan = verification_plan(original, n_random)
             sets = make_verification_inputs(original, n_random=n_random, include_example=plan["include_example"],
-                                            step=plan["step"], halve_long_dims=plan["halve_long_dims"])
+                                            step=plan["step"], halve_long_dims=plan["halve_long_dims"],
+                                            long_dim_divisor=plan["long_dim_divisor"])
             if ir.user_example_inputs is not None:  # capture widened a size-1 dim: check the user's own
                 sets.append(list(ir.user_example_inputs))
             sets.extend(extra_inputs or [])
@@ -145,7 +146,8 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
             checked = describe_inputs(sets, original.input_names)
             if plan["large"]:
                 checked += (f" (a model of {original.param_count() / 1e9:.2f}B parameters: random sets with short "
-                            "dims one step from the example's and long ones at half of it, the example itself is "
+                            "dims one step from the example's and long ones at "
+                            f"{'half' if plan['long_dim_divisor'] == 2 else 'a quarter'} of it, the example itself is "
                             "not rerun; more with n_random)")
             report.data["verification"]["inputs"] = checked
             if progress:
@@ -456,8 +458,11 @@ class LoweringCheck:
     def __init__(self, backend, verifier: Verifier, ir: GraphIR):
         from graphopt.verify.kernels import verification_kernels
 
+        t0 = time.perf_counter()
         with verification_kernels():
             self._prepare(backend, verifier, ir)
+        #: seconds of each part of the check, for the report (see _verify_lowered)
+        self.timings = {"references_s": round(time.perf_counter() - t0, 3)}
 
     def _prepare(self, backend, verifier: Verifier, ir: GraphIR) -> None:
         from graphopt.verify.verifier import inputs_with_sizes, run_float64
@@ -507,7 +512,9 @@ class LoweringCheck:
 
 def _verify_lowered(backend, path: Path, manifest: dict, check: LoweringCheck) -> dict:
     load = getattr(backend, "load_for_verification", None) or backend.load  # backends not derived from Backend
+    t0 = time.perf_counter()
     runner = load(path, manifest)
+    timings = {**getattr(check, "timings", {}), "load_s": round(time.perf_counter() - t0, 3)}
     try:
         from graphopt.verify.policies import Evidence, max_abs_error
 
@@ -526,8 +533,12 @@ def _verify_lowered(backend, path: Path, manifest: dict, check: LoweringCheck) -
                   "error_vs_original": err, "worst_output": outcome.worst_output,
                   "input_sets": len(check.input_sets),
                   "inputs": [[list(t.shape) for t in inp] for inp in check.input_sets]}
+        timings["compare_s"] = round(time.perf_counter() - t0 - timings["load_s"], 3)
         if outcome.passed:
+            t1 = time.perf_counter()
             record["narrowed"] = _probe_minimum_sizes(runner, check, manifest)
+            timings["probes_s"] = round(time.perf_counter() - t1, 3)
+        record["timings"] = timings
         return record
     finally:
         runner.close()

@@ -504,7 +504,7 @@ def test_large_models_verify_on_one_small_random_set(lm_ir, monkeypatch):
     from graphopt.verify import verifier as vmod
 
     assert vmod.verification_plan(lm_ir, 1) == {"include_example": True, "step": 3, "n_random": 1, "large": False,
-                                                "halve_long_dims": False}
+                                                "halve_long_dims": False, "long_dim_divisor": 2}
     monkeypatch.setattr(vmod, "LARGE_MODEL_PARAMS", 1)
     plan = vmod.verification_plan(lm_ir, 1)
     assert plan["large"] and not plan["include_example"] and plan["step"] == 1
@@ -524,6 +524,13 @@ def test_large_models_verify_on_one_small_random_set(lm_ir, monkeypatch):
     sets = make_verification_inputs(long_ir, n_random=1, include_example=False, step=1,
                                     halve_long_dims=plan["halve_long_dims"])
     assert tuple(sets[0][0].shape) == (3, 8)
+    # from 1B parameters on, at a quarter (at least 4)
+    monkeypatch.setattr(vmod, "QUARTER_LONG_DIMS_PARAMS", 1)
+    plan = vmod.verification_plan(long_ir, 1)
+    assert plan["long_dim_divisor"] == 4
+    sets = make_verification_inputs(long_ir, n_random=1, include_example=False, step=1,
+                                    halve_long_dims=plan["halve_long_dims"], long_dim_divisor=plan["long_dim_divisor"])
+    assert tuple(sets[0][0].shape) == (3, 4)
 
 
 def test_compile_reports_the_light_plan_on_large_models(monkeypatch, tmp_path):

@@ -6,6 +6,8 @@ tinyshakespeare, as a user's checkpoint would hold):
 
 - ``qwen0.5b``: the Qwen2.5-0.5B shape (494M parameters, tied embeddings, GQA 14/2, QKV bias);
 - ``llama1b``: the Llama-3.2-1B shape (1.24B parameters, tied embeddings, GQA 32/8, llama3 RoPE);
+- ``llama8b``: the Llama-3.1-8B shape (8.03B parameters; asked for by name, with ``dtype=bfloat16``:
+  a record of how far it gets on a 24 GB machine, see bench/results/scale-8b.md);
 - ``tiny``: a 2-layer Qwen2 of the same code path, for tests (seconds).
 
 Systems, EACH IN ITS OWN PROCESS, so a peak is that system's alone and an OOM kill (return code
@@ -80,6 +82,17 @@ LLAMA32_1B = {
                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
     "rope_theta": 500000.0, "tie_word_embeddings": True, "use_cache": True, "vocab_size": 128256,
 }
+#: The Llama-3.1-8B config.json (the record of how far an 8B model gets: not in the default models).
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "use_cache": True, "vocab_size": 128256,
+}
 #: A 2-layer Qwen2 through the same code (tests).
 TINY = {**QWEN25_05B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "max_window_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 1024,
@@ -87,7 +100,8 @@ TINY = {**QWEN25_05B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_l
 
 MODELS = {"tiny": ("tiny Qwen2 (2 layers, hidden 64)", TINY),
           "qwen0.5b": ("Qwen2.5-0.5B shape", QWEN25_05B),
-          "llama1b": ("Llama-3.2-1B shape", LLAMA32_1B)}
+          "llama1b": ("Llama-3.2-1B shape", LLAMA32_1B),
+          "llama8b": ("Llama-3.1-8B shape", LLAMA31_8B)}
 
 HF_BASELINE = "HF generate (KV cache)"
 INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 32  # 4 bits + one fp32 scale per block of 32
