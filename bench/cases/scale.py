@@ -566,10 +566,11 @@ def task_write(spec: dict[str, Any]) -> dict[str, Any]:
     fields = {k: v for k, v in spec["config"].items() if k != "model_type"}
     config = AutoConfig.for_model(spec["config"]["model_type"], **fields)
     torch.manual_seed(spec["seed"])
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    counts = _count(model)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec["dtype"]]
-    model.to(dtype).save_pretrained(str(folder))
+    # built in the checkpoint's dtype: an 8B model in fp32 (32 GiB) does not fit a 24 GiB machine
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    counts = _count(model)
+    model.save_pretrained(str(folder))
     del model
     tok = train_tokenizer(folder, spec["tokenizer_vocab"], Path(spec["corpus"]))
     text = Path(spec["corpus"]).read_text()[1000:4000]

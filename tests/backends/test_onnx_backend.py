@@ -409,3 +409,19 @@ def test_transposed_weights_are_written_in_row_blocks_byte_for_byte(tmp_path, mo
     got, total = onnxruntime.InferenceSession(str(tmp_path / "blocked.onnx")).run(None, {"x": x})
     np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(total, u.sum(), rtol=1e-4)
+
+
+def test_the_check_session_prepacks_only_small_float_gemm_weights(artifact, monkeypatch):
+    """The compile's own check session leaves out ONNX Runtime's prepacked copy of the float GEMM
+    weights when they are large (the memory bound of a real-size compile), keeps it otherwise."""
+    low, out_dir = artifact("mlp")
+    manifest = {"payload": low.payload}
+    weights = onnx_backend._float_gemm_weight_bytes(out_dir / "model.onnx")
+    assert weights > 0
+    seen = []
+    backend = onnx_backend.OnnxBackend()
+    monkeypatch.setattr(backend, "load", lambda path, man, **kw: seen.append(kw.get("session_config")))
+    backend.load_for_verification(out_dir, manifest)
+    monkeypatch.setattr(onnx_backend, "PREPACK_FLOAT_BYTES", weights - 1)
+    backend.load_for_verification(out_dir, manifest)
+    assert seen == [None, {"session.disable_prepacking": "1"}]
