@@ -567,16 +567,75 @@ def task_write(spec: dict[str, Any]) -> dict[str, Any]:
     config = AutoConfig.for_model(spec["config"]["model_type"], **fields)
     torch.manual_seed(spec["seed"])
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec["dtype"]]
-    # built in the checkpoint's dtype: an 8B model in fp32 (32 GiB) does not fit a 24 GiB machine
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    counts = _count(model)
-    model.save_pretrained(str(folder))
-    del model
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    counts = _count(meta)
+    nbytes = sum(p.numel() for p in meta.parameters()) * dtype.itemsize
+    from graphopt.memory import available_bytes
+
+    if nbytes > 0.3 * (available_bytes() or 0):
+        # an 8B model does not fit a 24 GiB machine twice over (transformers' init peaked past
+        # 23 GiB for the 16 GiB bf16 Llama-3.1-8B): shards written one at a time
+        _write_shards(meta, config, folder, dtype, spec["seed"])
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        model.save_pretrained(str(folder))
+        del model
+    del meta
     tok = train_tokenizer(folder, spec["tokenizer_vocab"], Path(spec["corpus"]))
     text = Path(spec["corpus"]).read_text()[1000:4000]
     prompt = tok.encode(text).ids[: spec["prompt_len"]]
     files = sorted(f.name for f in folder.iterdir())
     return {**counts, "files": files, "bytes_on_disk": dir_bytes(folder), "prompt": prompt}
+
+
+def _write_shards(meta: Any, config: Any, folder: Path, dtype: Any, seed: int, shard_bytes: int = 2 << 30) -> None:
+    """A checkpoint directory like ``save_pretrained``'s (safetensors shards, their index,
+    config.json) with random weights made one shard at a time: normal(0, initializer_range) for
+    matrices, ones for norm weights, zeros for biases; tied weights written once."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    seen: set[int] = set()
+    entries = []
+    for name, p in meta.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        entries.append((name, tuple(p.shape)))
+    groups: list[list[tuple[str, tuple]]] = [[]]
+    size = 0
+    for name, shape in entries:
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        if groups[-1] and size + n > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += n
+    weight_map, total = {}, 0
+    std = float(getattr(config, "initializer_range", 0.02))
+    for k, group in enumerate(groups, start=1):
+        file = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name, shape in group:
+            t = torch.empty(shape, dtype=dtype)
+            if name.endswith("norm.weight") or (len(shape) == 1 and "norm" in name):
+                t.fill_(1.0)
+            elif name.endswith(".bias"):
+                t.zero_()
+            else:
+                t.normal_(0.0, std, generator=g)
+            tensors[name] = t
+            weight_map[name] = file
+            total += t.numel() * t.element_size()
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.save_pretrained(str(folder))
 
 
 def _status() -> dict[str, int]:

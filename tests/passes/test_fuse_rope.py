@@ -225,9 +225,16 @@ def test_llama_rope(llama):
 
 
 def test_llama_lowers_to_rotary_embedding(llama, tmp_path):
+    """One RotaryEmbedding per q and k of every layer, whose cos/sin caches are expanded to the
+    batch once for the whole graph (from the inputs' named batch dim), not once per node; the
+    artifact matches the module at another batch and length."""
     model, _, optimized, _ = llama
-    ops = [n.op_type for n in lower_and_compare(optimized, model, token_inputs(6, 3, 9), tmp_path)]
+    nodes = lower_and_compare(optimized, model, token_inputs(6, 3, 9), tmp_path)
+    ops = [n.op_type for n in nodes]
     assert ops.count("RotaryEmbedding") == 2 * model.config.num_hidden_layers and "Neg" not in ops
+    made = {o: n for n in nodes for o in n.output}
+    caches = {i for n in nodes if n.op_type == "RotaryEmbedding" for i in n.input[1:3]}
+    assert len(caches) == 2 and all(made[c].op_type == "Expand" for c in caches)
 
 
 def test_nanogpt_has_no_rope(sample_model_loader):
