@@ -361,8 +361,9 @@ def check_memory(model: Any, passes: list, *, verify: bool, target: str, enabled
     ways = []
     if verify:
         ways.append("compile without verification (verify=False, --no-verify): no ONNX Runtime check of the weights")
-    ways.append("load the model in a lower precision (--dtype bfloat16 for a checkpoint directory, or "
-                "model.to(torch.bfloat16)): half the weight bytes")
+    if any(p.dtype == torch.float32 for p in (model.parameters() if hasattr(model, "parameters") else ())):
+        ways.append("load the model in a lower precision (--dtype bfloat16 for a checkpoint directory, or "
+                    "model.to(torch.bfloat16)): half the weight bytes")
     if "merge-gemms" in names:
         ways.append("leave merge-gemms out (fuse-attention,fuse-norms,fuse-rope,fuse-activations instead of fuse)")
     ways.append("free memory, or run on a machine with more (GRAPHOPT_MEMORY_CHECK=0 / memory_check=False tries anyway)")

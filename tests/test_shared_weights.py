@@ -90,6 +90,18 @@ def test_a_compile_that_cannot_fit_is_refused_before_capture(tmp_path, monkeypat
     assert art.report["memory"]["estimate"]["peak_gib"] > 0
 
 
+def test_memory_mapped_weights_count_before_they_are_resident():
+    """A checkpoint's weights mapped but not yet read are not in the process's memory at the
+    estimate; the forwards will read them all, so the estimate counts them."""
+    from graphopt.memory import FIXED_OVERHEAD, GIB, estimate_compile_memory
+
+    mapped = estimate_compile_memory(int(15 * GIB), [], verify=False, target="onnx", baseline_bytes=int(0.4 * GIB))
+    assert mapped.peak_bytes == int(15 * GIB) + FIXED_OVERHEAD
+    assert "weights not yet resident (memory-mapped) 14.60" in mapped.describe()
+    loaded = estimate_compile_memory(int(15 * GIB), [], verify=False, target="onnx", baseline_bytes=int(15.4 * GIB))
+    assert loaded.peak_bytes == int(15.4 * GIB) + FIXED_OVERHEAD and "not yet resident" not in loaded.describe()
+
+
 def test_cli_refusal_exits_2(tmp_path):
     code = textwrap.dedent("""
         import sys, graphopt.memory as mem
