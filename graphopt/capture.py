@@ -12,9 +12,10 @@ higher-order ops that every pass would have to look inside.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -297,6 +298,36 @@ def capture(module: torch.nn.Module, example_inputs: Any, dynamic: DynamicSpec |
         except NotImplementedError:  # modules unlifted from an ExportedProgram are already inference graphs
             pass
 
+    with _without_model_cache(module, kwargs) as cache_note:
+        ir = _capture(module, args, kwargs, names, values, user_values, widened, dims, ranges, dim_names, method)
+    if cache_note:
+        ir.meta.setdefault("capture_notes", []).append(cache_note)
+    return ir
+
+
+@contextlib.contextmanager
+def _without_model_cache(module: torch.nn.Module, kwargs: dict[str, Any]) -> Iterator[str | None]:
+    """Capture a Hugging Face model with ``config.use_cache = False`` (restored afterwards).
+
+    Models built from a config have ``use_cache=True``, and then return their own
+    ``DynamicCache``, which torch.export cannot flatten ("Found DynamicCache in output"): every
+    such model would fail to capture on a first try. graphopt's kv-cache pass inserts its own
+    cache, so the model's is not needed; the compile's notes say it was left out. A caller who
+    passes ``use_cache`` as an example input decides for themselves."""
+    config = getattr(module, "config", None)
+    if "use_cache" in kwargs or not getattr(config, "use_cache", False):
+        yield None
+        return
+    config.use_cache = False
+    try:
+        yield (f"captured {type(module).__name__} with use_cache=False: its own cache output (DynamicCache) is "
+               "not a tensor torch.export can capture; compile with the kv-cache pass for a cached decoder")
+    finally:
+        config.use_cache = True
+
+
+def _capture(module, args, kwargs, names, values, user_values, widened, dims, ranges, dim_names,
+             method) -> GraphIR:
     errors: list[str] = []
     gm = None
     how = None

@@ -20,7 +20,7 @@ VOCAB = 128
 def _config(family: str, **kw):
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, use_cache=False, attn_implementation=kw.pop("attn", "sdpa"))
+    common = dict(vocab_size=VOCAB, use_cache=kw.pop("use_cache", False), attn_implementation=kw.pop("attn", "sdpa"))
     if family == "llama":
         return tf.LlamaForCausalLM, tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                    num_attention_heads=4, num_key_value_heads=2,
@@ -77,6 +77,22 @@ def test_single_prompt_kv_cache_with_nothing_declared(tmp_path, family):
         eng.generate(prompt, max_new_tokens=200)
     cut = eng.generate(prompt, max_new_tokens=200, truncate=True)
     assert cut.shape[1] == 128 and cut.stop_reason == "length"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_model_with_its_configs_default_use_cache(tmp_path, family):
+    """Hugging Face configs default to ``use_cache=True``, and the model then returns its own
+    DynamicCache, which torch.export cannot capture: graphopt captures with ``use_cache=False``
+    (restored afterwards), says so in the notes, and the kv-cache artifact decodes as the model."""
+    model = _model(family, use_cache=True)
+    ids = _prompt(batch=2, length=8)
+    art = graphopt.compile(model, {"input_ids": ids}, pipeline="cleanup,fuse,kv-cache", target="onnx",
+                           out=tmp_path / "a", report=None)
+    assert model.config.use_cache is True  # the caller's model is left as it was
+    assert any("use_cache=False" in n for n in art.report["notes"])
+    prompt = _prompt(seed=5, length=6)
+    assert torch.equal(graphopt.load(art.path).generate(prompt, max_new_tokens=8),
+                       _greedy_reference(model, prompt, 8))
 
 
 def test_batch_two_example_with_only_the_sequence_declared(tmp_path):
