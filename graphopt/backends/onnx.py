@@ -166,7 +166,10 @@ class OnnxBackend(Backend):
     ``exporter_optimizer`` (``"light"``, the default: the onnxscript optimizer's constant folding
     and clean-ups without its pattern rewriter, which is pure Python and grows with graph size x
     rules (50 s of a 0.5B model's lowering) for a few reshapes ONNX Runtime and TensorRT remove
-    anyway; ``"full"``: torch.onnx's own ``optimize=True``).
+    anyway; ``"full"``: torch.onnx's own ``optimize=True``), ``fold_attention`` (``True``, the
+    default: ``Attention`` takes 3-D Q/K/V and the KV cache, without the per-layer reshapes,
+    transposes and cache concatenations, see :func:`_fold_attention_layout`; ``False``: the
+    exporter's 4-D form, which the TensorRT lowering uses).
     Options (``load``): ``providers`` (onnxruntime execution providers, in order),
     ``threads`` (intra-op threads), ``spinning`` and ``disabled_optimizers`` (see
     :class:`~graphopt.runtime.onnx_runner.OnnxRuntimeRunner`).
@@ -182,6 +185,10 @@ class OnnxBackend(Backend):
         opset = resolve_opset(options.get("opset"), ir)
         bf16 = options.get("bfloat16", "float32")
         optimizer = options.get("exporter_optimizer", "light")
+        fold_attention = options.get("fold_attention", True)
+        if not isinstance(fold_attention, bool):
+            raise BackendError(f"onnx option fold_attention={fold_attention!r} is not valid; use true (the default: "
+                               "Attention takes 3-D Q/K/V and the KV cache) or false (the exporter's 4-D form)")
         if optimizer not in ("light", "full"):
             raise BackendError(f"onnx option exporter_optimizer={optimizer!r} is not valid; use 'light' (the "
                                "default) or 'full' (torch.onnx's optimize=True, slower on large graphs)")
@@ -210,7 +217,7 @@ class OnnxBackend(Backend):
             model = to_onnx(ep, ir, opset, staging=staging, optimizer=optimizer, decompose="needed" if how == "direct" else "always")
             del ep
             t2 = time.perf_counter()
-            model = _cleanup(model, ir, base_dir=staging)
+            model = _cleanup(model, ir, base_dir=staging, fold_attention=fold_attention)
             if upcast is not None:
                 _check_no_bfloat16(model)
             opset = _default_opset(model)
@@ -855,16 +862,21 @@ def _all_tensors(model: onnx.ModelProto):
                 stack.extend(a.graphs)
 
 
-def _cleanup(model: onnx.ModelProto, ir: GraphIR, base_dir: Path | None = None) -> onnx.ModelProto:
-    """Name graph inputs/outputs as in the IR, then ``cleanup().toposort()`` with graphsurgeon.
-    Initializers that point into an external data file (under ``base_dir``) stay pointers:
-    graphsurgeon exports them untouched."""
+def _cleanup(model: onnx.ModelProto, ir: GraphIR, base_dir: Path | None = None,
+             fold_attention: bool = True) -> onnx.ModelProto:
+    """Name graph inputs/outputs as in the IR, rewrite a few exporter patterns for ONNX Runtime
+    (``fold_attention``: :func:`_fold_attention_layout`), then ``cleanup().toposort()`` with
+    graphsurgeon. Initializers that point into an external data file (under ``base_dir``) stay
+    pointers: graphsurgeon exports them untouched."""
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(model)
     _name_io(graph, ir.input_names, ir.output_names)
     _broadcast_rotary_caches(graph)
     _share_rotary_caches(graph)
+    if fold_attention:
+        graph.cleanup()  # the rotary rewrites leave dead Shape nodes, which count as users
+        _fold_attention_layout(graph)
     _prepare_attention_masks(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
@@ -1012,6 +1024,119 @@ def _share_rotary_caches(graph: Any) -> int:
     if rewired:
         log.debug("onnx lowering: %d RotaryEmbedding cache input(s) share %d expansion(s)", rewired, len(shared))
     return rewired
+
+
+def _fold_attention_layout(graph: Any) -> int:
+    """Give ``Attention`` the 3-D ``[batch, seq, heads * head_dim]`` layout and the KV cache.
+
+    The exporter writes attention the way the torch graph has it: per head tensor ``Reshape`` to
+    ``[B, S, H, D]`` and ``Transpose`` to ``[B, H, S, D]`` (then ``RotaryEmbedding``), the cache
+    ``Concat(past, new)``, and after ``Attention`` a ``Transpose`` and ``Reshape`` back: 10 small
+    ops per layer that ONNX Runtime runs (and copies through) at every decode step. The opset-23
+    ``Attention`` takes 3-D Q/K/V with ``q_num_heads``/``kv_num_heads``, ``past_key``/``past_value``
+    inputs and gives ``present_key``/``present_value``, and ``RotaryEmbedding`` takes 3-D input with
+    ``num_heads``: same values, without the copies. Only the exact chain is rewritten (every
+    intermediate used once, ``is_causal`` 0, no present/past already, ``perm`` ``[0, 2, 1, 3]``
+    both ways, static head counts); TensorRT's Attention has no cache inputs, so its lowering
+    keeps the 4-D form. Returns the number of Attention nodes rewritten."""
+    import onnx_graphsurgeon as gs
+
+    outputs = {id(t) for t in graph.outputs}
+
+    def onnx_op(node: Any, op: str) -> bool:
+        return node is not None and node.op == op and node.domain in (None, "", "ai.onnx")
+
+    def producer(t: Any) -> Any:
+        return t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
+
+    def used_once(t: Any) -> bool:
+        return len(t.outputs) == 1 and id(t) not in outputs
+
+    def static(shape: Any, rank: int) -> bool:
+        return shape is not None and len(shape) == rank
+
+    def heads(t: Any) -> tuple[Any, int, int, Any] | None:
+        """``t`` = [RotaryEmbedding of] Transpose(Reshape(x3)) → (x3, heads, head_dim, rotary)."""
+        rot, node = None, producer(t)
+        if onnx_op(node, "RotaryEmbedding") and len(node.inputs) == 3 and used_once(node.inputs[0]) \
+                and not node.attrs.get("num_heads"):
+            rot, node = node, producer(node.inputs[0])
+        if not onnx_op(node, "Transpose") or list(node.attrs.get("perm", [])) != [0, 2, 1, 3] \
+                or not used_once(node.inputs[0]):
+            return None
+        reshape = producer(node.inputs[0])
+        if not onnx_op(reshape, "Reshape"):
+            return None
+        x3, y4 = reshape.inputs[0], reshape.outputs[0]
+        if not (static(x3.shape, 3) and static(y4.shape, 4)):
+            return None
+        h, d = y4.shape[2], y4.shape[3]
+        if not (isinstance(h, int) and isinstance(d, int) and x3.shape[2] == h * d):
+            return None
+        return x3, h, d, rot
+
+    def cached(t: Any) -> tuple[Any, Any] | None:
+        """``t`` = Concat(past graph input, new) on the sequence axis → (past, new); None if not."""
+        node = producer(t)
+        if not onnx_op(node, "Concat") or node.attrs.get("axis") not in (2, -2) or len(node.inputs) != 2:
+            return None
+        past = node.inputs[0]
+        if not any(past is i for i in graph.inputs) or not used_once(node.inputs[1]):
+            return None
+        if any(user.op != "Attention" for user in t.outputs):
+            return None
+        return past, node.inputs[1]
+
+    folded = 0
+    for att in [n for n in graph.nodes if onnx_op(n, "Attention")]:
+        if len(att.inputs) > 4 or len([o for o in att.outputs if o.name]) != 1 or att.attrs.get("is_causal") \
+                or att.attrs.get("q_num_heads") or att.attrs.get("kv_num_heads"):
+            continue
+        q, k, v = att.inputs[:3]
+        mask = att.inputs[3] if len(att.inputs) == 4 else None
+        k_cache, v_cache = cached(k), cached(v)
+        if (k_cache is None) != (v_cache is None) or len(k.outputs) != 1 or len(v.outputs) != 1:
+            continue
+        k_new = k_cache[1] if k_cache else k
+        v_new = v_cache[1] if v_cache else v
+        qh, kh, vh = heads(q), heads(k_new), heads(v_new)
+        y = att.outputs[0]
+        back = y.outputs[0] if len(y.outputs) == 1 and id(y) not in outputs else None
+        if qh is None or kh is None or vh is None or vh[3] is not None or not onnx_op(back, "Transpose") \
+                or list(back.attrs.get("perm", [])) != [0, 2, 1, 3] or not used_once(back.outputs[0]):
+            continue
+        merge = back.outputs[0].outputs[0]
+        y3 = merge.outputs[0]
+        if not onnx_op(merge, "Reshape") or not static(y3.shape, 3) or y3.shape[2] != qh[1] * qh[2] \
+                or kh[1] != vh[1] or kh[2] != qh[2] or vh[2] != qh[2]:
+            continue
+        ins = []
+        for x3, n_heads, _, rot in (qh, kh):
+            if rot is None:
+                ins.append(x3)
+                continue
+            r3 = gs.Variable(f"{rot.outputs[0].name}__3d", dtype=rot.outputs[0].dtype, shape=list(x3.shape))
+            graph.nodes.append(gs.Node("RotaryEmbedding", name=f"{rot.name}__3d", domain=rot.domain,
+                                       attrs={**rot.attrs, "num_heads": n_heads},
+                                       inputs=[x3, *rot.inputs[1:]], outputs=[r3]))
+            ins.append(r3)
+        ins.append(vh[0])
+        ins.append(mask if mask is not None else gs.Variable.empty())
+        outs = [y3]
+        if k_cache:
+            ins += [k_cache[0], v_cache[0]]
+            outs += [k, v]
+            for t in (k, v):
+                t.inputs.clear()  # the Concat's output is the Attention's present now
+        merge.outputs.clear()
+        graph.nodes.append(gs.Node("Attention", name=f"{att.name}__3d", domain=att.domain,
+                                   attrs={**att.attrs, "q_num_heads": qh[1], "kv_num_heads": kh[1]},
+                                   inputs=ins, outputs=outs))
+        att.outputs.clear()
+        folded += 1
+    if folded:
+        log.debug("onnx lowering: %d Attention node(s) take 3-D Q/K/V and the KV cache", folded)
+    return folded
 
 
 def _prepare_attention_masks(graph: Any) -> int:

@@ -512,6 +512,7 @@ class TensorRTBackend(Backend):
             raise BackendError(f"unknown tensorrt option(s) {unknown}; valid: {', '.join(sorted(known))}")
         onnx_opts = {k: options[k] for k in ("opset", "external_data") if k in options}
         onnx_opts["bfloat16"] = "keep"  # TensorRT has bf16 kernels: no fp32 upcast (that is for ONNX Runtime CPU)
+        onnx_opts["fold_attention"] = False  # TensorRT's Attention takes no past_key/past_value
         onnx_lowered = OnnxBackend().lower(ir, out_dir, onnx_opts)
         settings = settings_for(ir, options)
         onnx_path = out_dir / MODEL_FILE
