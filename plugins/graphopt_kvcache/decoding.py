@@ -16,16 +16,28 @@ def _feed(ir: GraphIR, values: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 def teacher_forced_full(original: GraphIR, ids: torch.Tensor, mask: torch.Tensor | None, continuation: torch.Tensor,
                         ids_name: str, logits_index: int = 0) -> list[torch.Tensor]:
-    """Reference logits without a cache, in ONE forward: the prompt followed by ``continuation``
-    (the tokens the cached graph will be fed); entry ``k`` is the next-token logits after the
-    prompt and the first ``k`` continuation tokens (``len(continuation) + 1`` entries)."""
-    seq = torch.cat([ids, continuation], 1)
-    feed = {ids_name: seq}
-    if mask is not None:
-        feed["attention_mask"] = torch.cat([mask, torch.ones_like(continuation)], 1)
-    out = _feed(original, feed)[logits_index]
-    start = ids.shape[1] - 1
-    return [out[:, start + k, :] for k in range(continuation.shape[1] + 1)]
+    """Reference logits without a cache, in one forward per batch: the prompt followed by
+    ``continuation`` (the tokens the cached graph will be fed); entry ``k`` is the next-token
+    logits after the prompt and the first ``k`` continuation tokens (``len(continuation) + 1``
+    entries). A left-padded row is run alone without its padding: each row's prompt is what it
+    means (the cached graph numbers a row's positions from its first real token, as Hugging Face's
+    ``generate`` does; the model's own forward would number them from the first column)."""
+    whole = list(range(ids.shape[0])) if mask is None else [r for r in range(ids.shape[0]) if bool(mask[r].all())]
+    batches = [(whole, ids[whole])] if whole else []
+    for r in range(ids.shape[0]):
+        if r not in whole:
+            batches.append(([r], ids[r:r + 1, mask[r].bool()]))
+    steps = continuation.shape[1] + 1
+    rows: dict[int, list[torch.Tensor]] = {}
+    for which, prompt in batches:
+        feed = {ids_name: torch.cat([prompt, continuation[which]], 1)}
+        if mask is not None:
+            feed["attention_mask"] = torch.ones_like(feed[ids_name])
+        out = _feed(original, feed)[logits_index]
+        start = prompt.shape[1] - 1
+        for i, r in enumerate(which):
+            rows[r] = [out[i, start + k, :] for k in range(steps)]
+    return [torch.stack([rows[r][k] for r in range(ids.shape[0])]) for k in range(steps)]
 
 
 def empty_cache(ir: GraphIR, batch: int) -> dict[str, torch.Tensor]:

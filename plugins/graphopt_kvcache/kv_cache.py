@@ -181,7 +181,7 @@ class KVCache(Pass):
                 P = graph.call_function(aten.sym_size.int, (new_nodes["past_key_0"], 2))
                 L = graph.call_function(operator.add, (P, T))
                 qpos = graph.call_function(aten.arange.start, (P, L), {"dtype": torch.int64})
-        rewired = 0
+        rewired, replaced = 0, []
         for n in list(graph.nodes):
             if n.op == "call_function" and n.target in (aten.arange.default, aten.arange.start) and _is_seq_arange(n, seq_sym):
                 dtype = n.kwargs.get("dtype")
@@ -189,11 +189,17 @@ class KVCache(Pass):
                     new = qpos if dtype in (None, torch.int64) else graph.call_function(aten.to.dtype, (qpos, dtype))
                 n.replace_all_uses_with(new)
                 graph.erase_node(n)
+                replaced.append(new)
                 rewired += 1
+
+        # -- the padding mask of past and new tokens [B, L or N], and each row's own positions
+        with graph.inserting_before(first_compute):
+            full_mask = _full_mask(graph, ids_node, mask_node, new_nodes, qpos, static)
+            row_positions = _row_positions(graph, replaced, full_mask, qpos, P, L, static)
 
         # -- the new mask [B, 1, T, L or N] and the present padding mask [B, L or N]
         with graph.inserting_before(attns[0].node):
-            allowed, present_mask = _build_mask(graph, ids_node, mask_node, new_nodes, qpos, L, static, L_static)
+            allowed, present_mask = _build_mask(graph, full_mask, qpos, L, static, L_static)
 
         # -- attention: concatenate (or write) K/V, re-apply the GQA repeat, use the new mask
         presents: list[tuple[str, torch.fx.Node]] = []
@@ -270,7 +276,7 @@ class KVCache(Pass):
         if mask_spec is None:
             _add_mask_input(ir, graph, ids_node, new_nodes, batch_label, seq_label, batch_range, ids_spec)
         ir.recompile()
-        return PassResult(ir, True, {"layers": len(attns), "positions_rewired": rewired,
+        return PassResult(ir, True, {"layers": len(attns), "positions_rewired": rewired, "row_positions": row_positions,
                                      "gqa": sum(1 for a in attns if a.repeat > 1 or a.gqa_kwarg)})
 
 
@@ -387,23 +393,66 @@ def _mentions_seq_square(n: torch.fx.Node, seq_sym: Any) -> bool:
     return sizes.count(str(seq_sym)) >= 2
 
 
-def _build_mask(graph, ids_node, mask_node, new_nodes, qpos, L, static, n_static):
-    """``allowed[b, 0, i, j] = (j <= qpos[i]) & full_mask[b, j]``, with an all-false row (a padding
-    query) given its own position so attention stays finite. Returns (allowed, full_mask)."""
+def _mask_op(graph, target, *args, **kwargs) -> torch.fx.Node:
+    """A node of the pass's own mask computation (the only users the attention mask input may have)."""
+    node = graph.call_function(target, args, kwargs)
+    node.meta["graphopt_kv_mask"] = True
+    return node
+
+
+def _full_mask(graph, ids_node, mask_node, new_nodes, qpos, static) -> torch.fx.Node:
+    """The padding mask of the past and the new tokens, int64 ``[B, L]`` (static: ``[B, N]``, the
+    new tokens' mask written at their slots)."""
+    past_mask = _mask_op(graph, aten.to.dtype, new_nodes["past_attention_mask"], torch.int64)
+    cur = mask_node if mask_node is not None else _mask_op(graph, aten.ones_like.default, ids_node, dtype=torch.int64)
+    cur = _mask_op(graph, aten.to.dtype, cur, torch.int64)
+    if static:
+        return _mask_op(graph, aten.index_copy.default, past_mask, 1, qpos, cur)
+    return _mask_op(graph, aten.cat.default, [past_mask, cur], 1)
+
+
+def _row_positions(graph, replaced: list[torch.fx.Node], full, qpos, P, L, static) -> int:
+    """Number each row's tokens from its first real one, as Hugging Face's ``generate`` does
+    (``cumsum(mask) - 1``): position ids ``unsqueeze(positions, 0)`` ``[1, T]`` become ``[B, T]``.
+    A left-padded prompt then gets the positions it has alone, for learned absolute embeddings
+    (GPT-2) as for RoPE, and rows whose caches were filled apart can decode in one batch. The
+    slot positions stay for the causal mask (and the static cache's writes). Padding tokens get 0
+    (they are masked). Position lookups of the ``[T]`` positions themselves (``wpe(arange(T))``)
+    take the ``[B, T]`` ones. Returns the number of position uses rewired."""
+    users = list(dict.fromkeys(u for new in replaced for u in list(new.users)
+                               if u.target is aten.unsqueeze.default and len(u.args) > 1 and u.args[1] == 0))
+    # learned positions looked up with the [T] positions themselves (nanoGPT's wpe(arange(T)))
+    lookups = list(dict.fromkeys(u for new in replaced for u in list(new.users)
+                                 if u.target is aten.embedding.default and u.args[1] is new))
+    if not users and not lookups:
+        return 0
+    counted = _mask_op(graph, aten.sub.Tensor, _mask_op(graph, aten.cumsum.default, full, 1), 1)
+    counted = _mask_op(graph, aten.clamp_min.default, counted, 0)
+    if static:
+        rows = _mask_op(graph, aten.index_select.default, counted, 1, qpos)
+    else:
+        rows = _mask_op(graph, aten.slice.Tensor, counted, 1, P, L)
+    for u in users:
+        src = u.args[0]
+        typed = rows if src is qpos else _mask_op(graph, aten.to.dtype, rows, src.args[1])
+        u.replace_all_uses_with(typed)
+        graph.erase_node(u)
+    for u in lookups:  # [T, C] -> [B, T, C]: still adds to the token embeddings [B, T, C]
+        src = u.args[1]
+        u.args = (u.args[0], rows if src is qpos else _mask_op(graph, aten.to.dtype, rows, src.args[1]), *u.args[2:])
+    return len(users) + len(lookups)
+
+
+def _build_mask(graph, full, qpos, L, static, n_static):
+    """``allowed[b, 0, i, j] = (j <= qpos[i]) & full[b, j]``, with an all-false row (a padding
+    query) given its own position so attention stays finite. Returns (allowed, full)."""
 
     def call(target, *args, **kwargs):
-        node = graph.call_function(target, args, kwargs)
-        node.meta["graphopt_kv_mask"] = True
-        return node
+        return _mask_op(graph, target, *args, **kwargs)
 
-    past_mask = call(aten.to.dtype, new_nodes["past_attention_mask"], torch.int64)
-    cur = mask_node if mask_node is not None else call(aten.ones_like.default, ids_node, dtype=torch.int64)
-    cur = call(aten.to.dtype, cur, torch.int64)
     if static:
-        full = call(aten.index_copy.default, past_mask, 1, qpos, cur)
         kpos = call(aten.arange.default, n_static, dtype=torch.int64)
     else:
-        full = call(aten.cat.default, [past_mask, cur], 1)
         kpos = call(aten.arange.default, L, dtype=torch.int64)
     q2 = call(aten.unsqueeze.default, qpos, 1)                                     # [T, 1]
     k2 = call(aten.unsqueeze.default, kpos, 0)                                     # [1, L]

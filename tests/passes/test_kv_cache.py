@@ -20,15 +20,19 @@ def _factory(name: str, **kw):
     return load_factory(f"{MODELS}/{name}.py:build", **kw)
 
 
-def _eager_greedy(model, ids, mask, n):
-    seq, m = ids, mask
+def _eager_greedy(model, ids, mask, n, keyword=True):
+    """Greedy decoding of each prompt alone (its real tokens only) by the eager model, the whole
+    prefix every step: what Hugging Face's generate gives a left-padded batch."""
+    rows = []
     with torch.no_grad():
-        for _ in range(n):
-            logits = model(input_ids=seq, attention_mask=m).logits
-            nxt = logits[:, -1].argmax(-1)
-            seq = torch.cat([seq, nxt[:, None]], 1)
-            m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
-    return seq
+        for row, keep in zip(ids, mask.bool()):
+            seq = row[keep][None]
+            for _ in range(n):
+                out = model(input_ids=seq) if keyword else model(seq)
+                logits = out.logits if hasattr(out, "logits") else out
+                seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            rows.append(seq[0, -n:])
+    return torch.cat([ids, torch.stack(rows)], 1)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +120,30 @@ def test_generate_matches_eager_greedy(tmp_path, llama, target, options):
     assert torch.equal(got, _eager_greedy(model, ids, mask, 24))
     steps = list(eng.stream(ids, 3, attention_mask=mask))
     assert [s.shape[1] for s in steps] == [12, 13, 14]
+
+
+@pytest.mark.parametrize("name, attn, cache", [
+    ("hf_gpt2", "sdpa", "kv-cache"),                                 # learned absolute positions
+    ("hf_gpt2", "sdpa", "kv-cache(static=true,max_len=48)"),
+    ("nanogpt", None, "kv-cache"),                                   # wpe(arange(T)), no mask input
+    ("hf_llama", "sdpa", "kv-cache"),                                # RoPE
+])
+def test_left_padded_rows_decode_as_each_prompt_alone(tmp_path, name, attn, cache):
+    """Positions count each row's real tokens (cumsum of the padding mask, as HF generate does),
+    so a left-padded batch of mixed lengths decodes every prompt as it decodes alone, for
+    absolute position embeddings too (numbering from the first column would shift them)."""
+    model, ex, dyn = _factory(name, **({"attn_implementation": attn} if attn else {}))
+    art = graphopt.compile(model, ex, f"cleanup,fuse-attention,{cache}", target="onnx", out=tmp_path / "a",
+                           dynamic=dyn, report=None)
+    assert art.report["passes"][-1]["stats"]["row_positions"] >= 1
+    eng = graphopt.load(art.path)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(1, 60, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :8] = 0  # lengths 10, 7 and 2
+    got = eng.generate(ids, 12, attention_mask=mask)
+    assert torch.equal(got, _eager_greedy(model, ids, mask, 12, keyword=isinstance(ex, dict)))
 
 
 def test_refuses_graphs_without_canonical_attention():
