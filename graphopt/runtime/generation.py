@@ -121,6 +121,9 @@ def limits(manifest: dict[str, Any]) -> Limits:
     vocab = logits_spec.shape[-1] if isinstance(logits_spec.shape[-1], int) else None
     if gen.get("kind") == "kv-cache":
         max_len = int(gen["max_len"])
+        past = next((s for s in inputs if s.name == (gen.get("cache_inputs") or [""])[0]), None)
+        if past is not None and not gen.get("static") and isinstance(past.shape[1], str):
+            max_len -= past.dynamic.get(1, (0, 0))[0]  # the padding slot(s) of a program that takes no empty past
         return Limits("kv-cache", bool(gen.get("static")), max_len, (seq[0], min(seq[1], max_len)), batch,
                       ids, mask, logits, vocab)
     return Limits("full-prefix", False, seq[1], seq, batch, ids, mask, logits, vocab)
@@ -311,6 +314,18 @@ def stream_full_prefix(engine: Engine, req: Request) -> Iterator[torch.Tensor]:
 
 
 # -- artifacts with a KV cache (compiled with the kv-cache pass) -------------------------------
+def empty_cache_input(spec: TensorSpec, batch: int) -> torch.Tensor:
+    """A cache input before the first token: zeros, of the fixed length of a static cache, else of
+    the shortest past the artifact takes (0; 1 where its program refuses an empty past, as
+    torch.export programs may: one zero slot, masked as padding, changes nothing)."""
+    from graphopt.ir.graph_ir import dtype_from_name
+
+    shape = [batch if i == 0 else (spec.dynamic.get(i, (0, 0))[0] if isinstance(s, str) else int(s))
+             for i, s in enumerate(spec.shape)]
+    return torch.zeros(shape, dtype=dtype_from_name(spec.dtype))
+
+
+
 class _TensorStepper:
     """Any runner: flat inputs in manifest order, outputs by name (torch tensors)."""
 
@@ -318,10 +333,7 @@ class _TensorStepper:
         self.engine = engine
 
     def empty(self, spec: Any, batch: int) -> Any:
-        from graphopt.ir.graph_ir import dtype_from_name
-
-        shape = [batch if i == 0 else (0 if isinstance(s, str) else int(s)) for i, s in enumerate(spec.shape)]
-        return torch.zeros(shape, dtype=dtype_from_name(spec.dtype))
+        return empty_cache_input(spec, batch)
 
     def step(self, feed: dict[str, Any]) -> dict[str, Any]:
         outs = self.engine.runner.run([feed[n] for n in self.engine.input_names])
