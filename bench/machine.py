@@ -24,6 +24,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: CPU features that move the figures most: the vector width of fp32 GEMMs and the int8 dot
+#: product of ONNX Runtime's int4/int8 kernels (a VM can move to a host without them).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
+
+
+def isa() -> list[str]:
+    """The :data:`ISA_FLAGS` this CPU reports in /proc/cpuinfo (empty where it does not say)."""
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return [f for f in ISA_FLAGS if f in have]
+    return []
+
+
 def physical_cores() -> int | None:
     """Distinct (physical id, core id) pairs in /proc/cpuinfo; None where it does not say."""
     cores, phys = set(), "0"
@@ -92,6 +106,7 @@ def describe(threads: int, device: str) -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
+        "isa": isa(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable,
         "physical_cores": physical_cores(),
@@ -116,7 +131,8 @@ def one_line(m: dict[str, Any]) -> str:
     """``AMD EPYC, 2 CPUs, 2 threads, 23.5 GiB, torch 2.13.0+cpu, ... , 2026-01-01``"""
     gpu_ = f", GPU {m['gpu']['name']}" if m.get("gpu") else ""
     v = m["versions"]
-    return (f"{m['cpu']}, {m['usable_cpus']} CPUs, {m['threads']} thread{'s' if m['threads'] != 1 else ''}, {m['ram_gib']} GiB RAM{gpu_}; "
+    isa_ = f" ({'+'.join(m['isa'])})" if m.get("isa") else ""
+    return (f"{m['cpu']}{isa_}, {m['usable_cpus']} CPUs, {m['threads']} thread{'s' if m['threads'] != 1 else ''}, {m['ram_gib']} GiB RAM{gpu_}; "
             f"torch {v['torch']}, onnxruntime {v['onnxruntime']}, graphopt {v['graphopt']}; {m['date'][:10]}")
 
 

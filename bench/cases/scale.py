@@ -24,6 +24,8 @@ Systems, EACH IN ITS OWN PROCESS, so a peak is that system's alone and an OOM ki
   cache (the baseline) interleaved with graphopt's ``Engine.generate`` and onnxruntime-genai's
   generator, in two processes per model: fp32 (graphopt fp32, genai fp32) and int4 (graphopt
   int4, genai int4), each with the HF baseline, timed in interleaved rounds (bench/harness.py).
+  Both ONNX Runtime systems run at their runtimes' defaults, idle threads spinning included
+  (onnxruntime-genai has no setting for it; the other cases turn spinning off for every session).
 
 Memory: the parent samples every child's ``/proc/<pid>/status`` (VmRSS and VmHWM, the high-water
 mark of the child's own address space) every 0.1 s; the peak is the largest sample. Not ``wait4``'s
@@ -723,7 +725,6 @@ def task_decode(spec: dict[str, Any]) -> dict[str, Any]:
 
     from bench.cases.decode import agreement, hf_generate
     from bench.harness import Candidate, System, run_latency
-    from bench.systems import load_engine
 
     threads = spec["threads"]
     torch.set_num_threads(threads)
@@ -739,7 +740,10 @@ def task_decode(spec: dict[str, Any]) -> dict[str, Any]:
                 return hf_generate(s["name"], model, prompt, n, use_cache=True, kind=BASELINE)
         elif s["type"] == "graphopt":
             def build(s: dict = s) -> System:
-                engine = load_engine(Path(s["path"]), "onnx", ctx)
+                import graphopt
+
+                # spinning as onnxruntime-genai's sessions have it (ONNX Runtime's default, on)
+                engine = graphopt.load(Path(s["path"]), threads=threads)
                 sys_ = System(s["name"], lambda: engine.generate(prompt, max_new_tokens=n), kind=GRAPHOPT,
                               extract=lambda out: out[0, prompt.shape[1]:].tolist(), close=engine.close)
                 return sys_
