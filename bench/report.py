@@ -127,6 +127,8 @@ def markdown(r: CaseResult) -> str:
         parts += _latency_md(r)
     elif r.kind == "scale":
         parts += _scale_md(r)
+    elif r.kind == "serve":
+        parts += _serve_md(r)
     else:
         parts += _compile_md(r)
     if r.notes:
@@ -349,6 +351,8 @@ def chart(r: CaseResult, path: Path) -> None:
         fig = _latency_chart(r, plt)
     elif r.kind == "scale":
         fig = _scale_chart(r, plt)
+    elif r.kind == "serve":
+        fig = _serve_chart(r, plt)
     else:
         fig = _compile_chart(r, plt)
     fig.text(0.01, 0.005, one_line(r.machine) if r.machine else "", fontsize=7, color="#555555")
@@ -421,4 +425,39 @@ def _compile_chart(r: CaseResult, plt: Any) -> Any:
     if labels:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    return fig
+
+
+# -- serve -----------------------------------------------------------------------------------------
+
+def _serve_md(r: CaseResult) -> list[str]:
+    out: list[str] = []
+    for model in dict.fromkeys(row["model"] for row in r.rows):
+        out += [f"### {model}", ""]
+        header = ["system", "clients", "requests (failed)", "tokens/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"]
+        rows = [[row["system"], str(row["clients"]), f"{row['requests']} ({row['failed']})",
+                 fmt_value(row["tokens_per_s"]), fmt_time(row["ttft_p50_s"]), fmt_time(row["ttft_p99_s"]),
+                 fmt_time(row["itl_p50_s"]), fmt_time(row["itl_p99_s"])]
+                for row in r.rows if row["model"] == model]
+        out += [_table(header, rows), ""]
+    bad = [s for s in r.systems if s.status != "ok"]
+    if bad:
+        out += [f"- {s.name} ({s.group}): {s.status}{': ' + s.note if s.note else ''}" for s in bad] + [""]
+    return out
+
+
+def _serve_chart(r: CaseResult, plt: Any) -> Any:
+    models = list(dict.fromkeys(row["model"] for row in r.rows)) or [""]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for system in dict.fromkeys(row["system"] for row in r.rows if row["model"] == model):
+            rows = [row for row in r.rows if row["model"] == model and row["system"] == system]
+            ax.plot([row["clients"] for row in rows], [row["tokens_per_s"] or 0 for row in rows], marker="o",
+                    label=system)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("generated tokens/s")
+        ax.set_title(model)
+        ax.legend(fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     return fig

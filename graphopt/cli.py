@@ -240,6 +240,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from graphopt.serving.server import ServeConfig, serve
+    except ImportError as e:
+        from graphopt.errors import InputError
+
+        raise InputError(f"graphopt serve needs the serve extra ({e.name} is not installed): "
+                         "pip install 'graphopt[serve]'") from None
+    config = ServeConfig(artifact=args.dir, model_name=args.model_name or "", max_batch=args.max_batch,
+                         max_queue=args.max_queue, max_tokens_per_step=args.max_tokens_per_step, eos=args.eos or [],
+                         threads=args.threads, shutdown_timeout=args.shutdown_timeout)
+    return serve(config, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from graphopt.passes.base import describe_options
     from graphopt.plugins import get_plugin_manager
@@ -480,6 +494,31 @@ def build_parser() -> argparse.ArgumentParser:
                      "tokens, see `graphopt inspect`) instead of refusing a request that does not fit")
     gen.add_argument("-q", "--quiet", action="store_true")
     gen.set_defaults(func=cmd_generate)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching over a kv-cache artifact",
+                        description="Serve DIR (compiled with kv-cache) over HTTP: POST /v1/completions (OpenAI's API; "
+                                    "text prompts need the artifact's tokenizer.json), GET /v1/models, /health, "
+                                    "/metrics (Prometheus). Requests join and leave the running batch between "
+                                    "decode steps. SIGTERM stops accepting, finishes running requests, exits 0. "
+                                    "Needs the serve extra: pip install 'graphopt[serve]'.")
+    sv.add_argument("dir", help="artifact directory (compiled with the kv-cache pass)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per step (default 8; at "
+                    "most the artifact's compiled batch); bounds the KV cache to max-batch x the artifact's length")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a batch row; past that, "
+                    "429 with Retry-After (default 64)")
+    sv.add_argument("--max-tokens-per-step", type=int, default=512, help="prompt tokens (padded) prefilled in one "
+                    "step when requests join (default 512; a longer prompt is prefilled alone)")
+    sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
+    sv.add_argument("--eos", type=int, action="append", help="end-of-sequence token id (repeatable): a sequence "
+                    "that produces it finishes with finish_reason 'stop'")
+    sv.add_argument("--model-name", help="the model id in the API (default: the artifact directory's name)")
+    sv.add_argument("--threads", type=int, help="intra-op threads of the runtime")
+    sv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish "
+                    "after SIGTERM (default 30)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=cmd_serve)
 
     ps = sub.add_parser("passes", help="list every registered pass: name, plugin, summary, options")
     ps.add_argument("--json", action="store_true")

@@ -299,3 +299,18 @@ def test_scale_case_quick_on_the_tiny_model(tmp_path):
     assert timed["graphopt cleanup"]["quality"]["token_agreement"] == 1.0
     assert timed["graphopt cleanup"]["throughput"]["median"] > 0
     assert data["floors"]["tiny · fp32"]["tokens_per_s"] > 0
+
+
+def test_serve_case_quick_on_the_trained_decoder(tmp_path):
+    """The serve case end to end: a real server with and without batching, HF generate per
+    request, every request answered, the three systems measured at each level."""
+    proc = run_bench("--cases", "serve", "--quick", "--out", str(tmp_path), timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = check_files(tmp_path, "serve")
+    assert [s["status"] for s in data["systems"]] == ["ok"] * 3, data["systems"]
+    rows = data["rows"]
+    assert len(rows) == 3 * 2  # three systems at 1 and 4 clients
+    for row in rows:
+        assert row["failed"] == 0 and row["tokens"] > 0 and row["tokens_per_s"] > 0, row
+        assert row["ttft_p50_s"] > 0 and row["itl_p50_s"] > 0
+    assert any("clients:" in n for n in data["notes"])

@@ -1,0 +1,268 @@
+"""Iteration-level batching: requests join and leave the running batch between decode steps.
+
+One thread owns the engine. Every iteration it
+
+1. drops cancelled sequences (a client that went away) and frees their cache rows;
+2. admits waiting requests while the batch has room (``max_batch`` rows) and the step's token
+   budget allows (``max_tokens_per_step`` prompt tokens, padded; one request is always admitted
+   when a row is free, so a long prompt is never starved): they are prefilled together, left-padded,
+   with an empty cache, their first token is picked, and their cache rows join the running batch;
+3. runs one decode step over every running sequence (``[B, 1]`` with the batch's cache) and picks
+   each one's next token with its own sampling settings.
+
+A sequence leaves when it produces an end-of-sequence token, reaches its ``max_tokens`` or the
+artifact's length. The cache is bounded by ``max_batch`` rows of at most the artifact's length;
+when every row is taken, new requests wait in the queue (``max_queue`` of them; past that,
+:meth:`Scheduler.submit` raises :class:`QueueFull`), never evicting a running one. A forward that
+raises fails the requests of that batch only; the scheduler keeps serving.
+
+Events go to each sequence's ``on_event(kind, value)`` from the scheduler thread: ``("token",
+id)``, then one of ``("done", reason)`` (``"stop"``: an end-of-sequence token, ``"length"``:
+``max_tokens`` or the artifact's length) or ``("error", message)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from graphopt.errors import GraphoptError, InputError
+from graphopt.runtime.generation import limits
+from graphopt.serving.batch import CacheBatch
+from graphopt.serving.sampling import Sampling
+
+if TYPE_CHECKING:
+    from graphopt.runtime.engine import Engine
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+
+
+class QueueFull(GraphoptError):
+    """Every batch row is taken and the queue is full: retry later (HTTP 429)."""
+
+
+class ShuttingDown(GraphoptError):
+    """The server is stopping and takes no new requests (HTTP 503)."""
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in flight."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    eos: frozenset[int] = frozenset()
+    on_event: Callable[[str, Any], None] = lambda kind, value: None
+    id: int = field(default_factory=lambda: next(_ids))
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
+    last_token_at: float | None = None
+
+
+class Metrics:
+    """What the scheduler reports (no-ops here; :mod:`graphopt.serving.metrics` records them)."""
+
+    def batch(self, rows: int) -> None: ...
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def tokens(self, n: int) -> None: ...
+    def queue(self, waiting: int, running: int, cache_bytes: int) -> None: ...
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, max_tokens_per_step: int = 512,
+                 metrics: Metrics | None = None):
+        self.batch = CacheBatch(engine)
+        self.limits = limits(engine.manifest)
+        lo, hi = self.limits.batch
+        if not 1 <= max_batch <= hi:
+            raise InputError(f"max_batch={max_batch} is outside the batch range the artifact was compiled for "
+                             f"({lo}..{hi}); pass --max-batch {hi} or less, or recompile with --dynamic "
+                             f"{self.limits.ids}:0=1..{max_batch}")
+        if max_queue < 0 or max_tokens_per_step < 1:
+            raise InputError("max_queue must be >= 0 and max_tokens_per_step >= 1")
+        self.max_batch, self.max_queue, self.max_tokens_per_step = max_batch, max_queue, max_tokens_per_step
+        self.metrics = metrics or Metrics()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._cv = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="graphopt-scheduler", daemon=True)
+        self.cache_budget = max_batch * self.limits.max_len * self.batch.bytes_per_token()
+
+    # -- the caller's side ---------------------------------------------------------------
+    def start(self) -> Scheduler:
+        self._thread.start()
+        return self
+
+    def check(self, prompt: list[int], max_tokens: int) -> None:
+        """What :meth:`submit` refuses, as an :class:`InputError` (HTTP 400) saying the limit."""
+        lim = self.limits
+        if not prompt:
+            raise InputError("the prompt is empty; send at least one token")
+        if lim.vocab is not None and (min(prompt) < 0 or max(prompt) >= lim.vocab):
+            raise InputError(f"the prompt holds token ids outside the model's vocabulary 0..{lim.vocab - 1}")
+        if len(prompt) > lim.prompt[1]:
+            raise InputError(f"the prompt has {len(prompt)} tokens but the model takes at most {lim.prompt[1]} in "
+                             "one call")
+        if max_tokens < 1:
+            raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
+        if len(prompt) + max_tokens > lim.max_len:
+            raise InputError(f"the prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                             f"length of {lim.max_len} tokens; lower max_tokens to {lim.max_len - len(prompt)} or "
+                             "less" if len(prompt) < lim.max_len else
+                             f"the prompt ({len(prompt)} tokens) fills the model's length of {lim.max_len} tokens")
+
+    def submit(self, seq: Sequence) -> Sequence:
+        self.check(seq.prompt, seq.max_tokens)
+        with self._cv:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down; send the request to another instance")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.running)} requests are running and {len(self.waiting)} waiting (the "
+                                f"most the queue takes); retry later")
+            self.waiting.append(seq)
+            self._report()
+            self._cv.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence (its client went away, or it hit a stop string): its row is freed before
+        the next step and it gets no more events."""
+        with self._cv:
+            seq.cancelled = True
+            self._cv.notify()
+
+    def stop(self, timeout: float | None = 30.0) -> bool:
+        """Take no new requests, let the queued and running ones finish (up to ``timeout`` seconds;
+        the rest get an error event), then end the thread. True when everything finished."""
+        with self._cv:
+            self._accepting = False
+            done = self._cv.wait_for(lambda: not self.waiting and not self.running, timeout)
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=60)
+        for seq in list(self.waiting) + list(self.running):
+            self._emit(seq, "error", "the server shut down before this request finished")
+        return bool(done)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def state(self) -> dict[str, Any]:
+        return {"waiting": len(self.waiting), "running": len(self.running), "cache_tokens": self.batch.length * self.batch.rows,
+                "cache_bytes": self.batch.length * self.batch.rows * self.batch.bytes_per_token(),
+                "cache_budget_bytes": self.cache_budget}
+
+    # -- the scheduler thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._stop or self.running or any(not s.cancelled for s in self.waiting))
+                if self._stop:
+                    return
+                self._drop_cancelled()
+                admitted = self._admit()
+                self._report()
+            try:
+                if admitted:
+                    self._prefill(admitted)
+                if self.running:
+                    self._decode()
+            except Exception as e:  # noqa: BLE001 - a failed forward fails its batch, not the server
+                log.exception("decode step failed")
+                message = f"the model failed on this batch: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                for seq in admitted + self.running:
+                    self._emit(seq, "error", message)
+                self.running = []
+                self.batch.keep([])
+            with self._cv:
+                self._report()
+                self._cv.notify_all()  # stop() waits for an empty batch
+
+    def _drop_cancelled(self) -> None:
+        self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        keep = [i for i, s in enumerate(self.running) if not s.cancelled]
+        if len(keep) != len(self.running):
+            self.running = [self.running[i] for i in keep]
+            self.batch.keep(keep)
+
+    def _admit(self) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        longest = 0
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch:
+            nxt = self.waiting[0]
+            padded = (len(admitted) + 1) * max(longest, len(nxt.prompt))
+            if admitted and padded > self.max_tokens_per_step:
+                break
+            admitted.append(self.waiting.popleft())
+            longest = max(longest, len(nxt.prompt))
+        return admitted
+
+    def _prefill(self, admitted: list[Sequence]) -> None:
+        logits, cache, length = self.batch.prefill([s.prompt for s in admitted])
+        keep = [r for r, seq in enumerate(admitted) if self._advance(seq, logits[r])]
+        if keep:
+            import torch
+
+            index = torch.tensor(keep, dtype=torch.int64)
+            rows = {name: t.index_select(0, index) for name, t in cache.items()}
+            self.batch.join(rows, length)
+            self.running.extend(admitted[r] for r in keep)
+
+    def _decode(self) -> None:
+        self.metrics.batch(len(self.running))
+        logits = self.batch.step([s.generated[-1] for s in self.running])
+        keep = [r for r, seq in enumerate(self.running) if self._advance(seq, logits[r])]
+        if len(keep) != len(self.running):
+            self.running = [self.running[r] for r in keep]
+            self.batch.keep(keep)
+
+    def _advance(self, seq: Sequence, logits: Any) -> bool:
+        """Pick and send ``seq``'s next token; False when the sequence ends here."""
+        if seq.cancelled:
+            return False
+        token = seq.sampling.pick(logits)
+        seq.generated.append(token)
+        now = time.monotonic()
+        if seq.last_token_at is None:
+            self.metrics.first_token(now - seq.submitted_at)
+        else:
+            self.metrics.inter_token(now - seq.last_token_at)
+        seq.last_token_at = now
+        self.metrics.tokens(1)
+        self._emit(seq, "token", token)
+        if token in seq.eos:
+            self._emit(seq, "done", "stop")
+            return False
+        if len(seq.generated) >= seq.max_tokens or len(seq.prompt) + len(seq.generated) >= self.limits.max_len:
+            self._emit(seq, "done", "length")
+            return False
+        return True
+
+    def _emit(self, seq: Sequence, kind: str, value: Any) -> None:
+        if seq.finished or (seq.cancelled and kind == "token"):
+            return
+        if kind != "token":
+            seq.finished = True
+        try:
+            seq.on_event(kind, value)
+        except Exception:  # noqa: BLE001 - a broken listener must not stop the batch
+            log.exception("event listener of request %s failed", seq.id)
+
+    def _report(self) -> None:
+        s = self.state()
+        self.metrics.queue(s["waiting"], s["running"], s["cache_bytes"])
