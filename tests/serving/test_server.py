@@ -29,6 +29,16 @@ def _tokenizer(artifact):
     return Tokenizer.from_file(str(artifact / "tokenizer.json"))
 
 
+def _post_all(url: str, bodies: list[dict], timeout: float = 300) -> list[httpx.Response]:
+    """Every body POSTed to /v1/completions at once (async httpx, one connection each)."""
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=timeout,
+                                     limits=httpx.Limits(max_connections=len(bodies) + 1)) as client:
+            return await asyncio.gather(*[client.post("/v1/completions", json=b) for b in bodies])
+
+    return asyncio.run(main())
+
+
 def test_the_openai_client_completes_and_streams(shakespeare_server, shakespeare_artifact):
     from openai import OpenAI
 
@@ -55,12 +65,7 @@ def test_64_concurrent_clients_each_get_their_own_tokens(shakespeare_server, sha
     rng = random.Random(3)
     reqs = [([rng.randrange(1, 512) for _ in range(rng.randint(1, 40))], rng.randint(1, 20)) for _ in range(64)]
 
-    async def main():
-        async with httpx.AsyncClient(base_url=shakespeare_server.url, timeout=300) as client:
-            return await asyncio.gather(*[client.post("/v1/completions", json={
-                "prompt": p, "max_tokens": n, "temperature": 0}) for p, n in reqs])
-
-    responses = asyncio.run(main())
+    responses = _post_all(shakespeare_server.url, [{"prompt": p, "max_tokens": n, "temperature": 0} for p, n in reqs])
     assert [r.status_code for r in responses] == [200] * 64
     bodies = [r.json() for r in responses]
     assert len({b["id"] for b in bodies}) == 64  # none lost, none duplicated
@@ -121,12 +126,7 @@ def test_a_disconnected_stream_frees_its_row(shakespeare_server):
 def test_a_full_queue_answers_429_with_retry_after(shakespeare_artifact):
     server = Server(shakespeare_artifact, "--max-batch", "1", "--max-queue", "1")
     try:
-        async def main():
-            async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
-                return await asyncio.gather(*[client.post("/v1/completions", json={
-                    "prompt": [1, 2, 3], "max_tokens": 60, "temperature": 0}) for _ in range(6)])
-
-        responses = asyncio.run(main())
+        responses = _post_all(server.url, [{"prompt": [1, 2, 3], "max_tokens": 60, "temperature": 0}] * 6)
         codes = sorted(r.status_code for r in responses)
         assert 200 in codes and 429 in codes and set(codes) <= {200, 429}
         busy = next(r for r in responses if r.status_code == 429)
@@ -164,12 +164,8 @@ def test_serve_refuses_what_it_cannot_serve_with_exit_2(tmp_path, shakespeare_ar
 def test_two_worker_processes_serve_the_same_port(llama_artifact):
     server = Server(llama_artifact, "--workers", "2", "--max-batch", "4")
     try:
-        async def main():
-            async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-                return await asyncio.gather(*[client.post("/v1/completions", json={
-                    "prompt": [3, 4, 5 + i], "max_tokens": 6, "temperature": 0}) for i in range(8)])
-
-        responses = asyncio.run(main())
+        responses = _post_all(server.url, [{"prompt": [3, 4, 5 + i], "max_tokens": 6, "temperature": 0}
+                                           for i in range(8)])
         assert [r.status_code for r in responses] == [200] * 8
         for i, r in enumerate(responses):
             assert r.json()["choices"][0]["token_ids"] == _alone(llama_artifact, [3, 4, 5 + i], 6)
