@@ -130,6 +130,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             state["tokenizer"] = Tokenizer.from_file(str(tok))
         else:
             state["tokenizer"] = None
+            log.warning("%s has no tokenizer.json: prompts must be token ids, and completions carry their tokens "
+                        "in choices[0].token_ids with an empty text", config.artifact)
         state["name"] = config.model_name or Path(config.artifact).resolve().name
         state["created"] = int(time.time())
         log.info("serving %s (%s), max batch %d", state["name"], config.artifact, config.max_batch)
