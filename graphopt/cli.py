@@ -508,8 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "most the artifact's compiled batch); bounds the KV cache to max-batch x the artifact's length")
     sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a batch row; past that, "
                     "429 with Retry-After (default 64)")
-    sv.add_argument("--max-tokens-per-step", type=int, default=512, help="prompt tokens (padded) prefilled in one "
-                    "step when requests join (default 512; a longer prompt is prefilled alone)")
+    sv.add_argument("--max-tokens-per-step", type=int, default=256, help="prompt tokens (padding counted) "
+                    "prefilled per iteration, between decode steps; a longer prompt is prefilled in chunks of this "
+                    "size. Lower: running requests' inter-token latency is steadier; higher: new requests start "
+                    "sooner (default 256)")
     sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
     sv.add_argument("--eos", type=int, action="append", help="end-of-sequence token id (repeatable): a sequence "
                     "that produces it finishes with finish_reason 'stop'")

@@ -4,8 +4,9 @@ Models: the trained Shakespeare decoder (prompts are windows of its held-out tex
 tiny-Llama shape (random weights, random prompt ids), each compiled with
 ``cleanup,fuse,kv-cache`` for the onnx target, batch 1..64.
 
-Load: for each number of concurrent clients (1, 8, 32, 64) every client sends its requests one
-after the other (``max(clients, min_requests)`` requests in all per level), streamed (server-sent
+Load: for each number of concurrent clients (1, 8, 32) every client sends ``rounds`` requests one
+after the other (at least ``min_requests`` in all per level: past the first wave of arrivals, the
+server runs at a steady state of joins and leaves), streamed (server-sent
 events), greedy, prompts of ``prompt_min``..``prompt_max`` tokens and ``new_min``..``new_max`` new
 tokens (exactly that many: no end-of-sequence token), drawn from a seeded generator: every system
 gets the same requests. Systems:
@@ -49,21 +50,22 @@ ON, OFF, HF = "graphopt serve (continuous batching)", "graphopt serve --max-batc
 @dataclass
 class Params:
     models: str = "shakespeare,tiny-llama"
-    clients: str = "1,8,32,64"
-    min_requests: int = 8  # per level: max(clients, min_requests) requests
+    clients: str = "1,8,32"
+    rounds: int = 3  # requests per client, one after the other
+    min_requests: int = 8  # per level: max(clients * rounds, min_requests) requests
     prompt_min: int = 16
     prompt_max: int = 256
     new_min: int = 32
     new_max: int = 128
     max_batch: int = 64
-    max_tokens_per_step: int = 512
+    max_tokens_per_step: int = 256  # graphopt serve's default
     seed: int = 0
 
 
 def run(ctx: BenchContext, p: Params) -> CaseResult:
     levels = [int(c) for c in p.clients.split(",") if c.strip()]
     result = CaseResult("serve", CASE.title, "serve", settings={
-        "clients": levels, "min_requests": p.min_requests, "prompt_tokens": f"{p.prompt_min}..{p.prompt_max}",
+        "clients": levels, "rounds": p.rounds, "min_requests": p.min_requests, "prompt_tokens": f"{p.prompt_min}..{p.prompt_max}",
         "new_tokens": f"{p.new_min}..{p.new_max}", "max_batch": p.max_batch,
         "max_tokens_per_step": p.max_tokens_per_step, "decoding": "greedy, streamed", "threads": ctx.threads})
     for name in [m.strip() for m in p.models.split(",") if m.strip()]:
@@ -134,7 +136,7 @@ def _prepare(ctx: BenchContext, p: Params, name: str) -> tuple[Any, Path, list[l
 def _workload(p: Params, prompts: list[list[int]], clients: int) -> list[list[tuple[list[int], int]]]:
     """Per client, its requests: (prompt ids, new tokens), the same for every system."""
     rng = random.Random(p.seed * 1000 + clients)
-    total = max(clients, p.min_requests)
+    total = max(clients * p.rounds, p.min_requests)
     reqs = [(prompts[rng.randrange(len(prompts))], rng.randint(p.new_min, p.new_max)) for _ in range(total)]
     return [reqs[c::clients] for c in range(clients)]
 
@@ -287,7 +289,7 @@ def _summary(rows: list[dict[str, Any]], model: str, clients: int) -> str:
 CASE = Case(
     name="serve",
     title="graphopt serve under load: continuous batching vs batching off vs HF generate per request",
-    measures="graphopt serve (OpenAI API, streamed) with 1/8/32/64 concurrent clients on the trained decoder and the "
+    measures="graphopt serve (OpenAI API, streamed) with 1/8/32 concurrent clients, 3 requests each, on the trained decoder and the "
              "31.8M tiny Llama: throughput, p50/p99 time to first token and inter-token latency, beside the same "
              "server with batching off and HF generate per request from a thread pool",
     params=Params,

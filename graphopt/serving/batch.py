@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from graphopt.errors import InputError
 from graphopt.ir.graph_ir import dtype_from_name
@@ -67,63 +66,81 @@ class CacheBatch:
         artifact takes: padding)."""
         return {name: empty_cache_input(self.specs[name], batch) for name in self.names}
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: dict[str, torch.Tensor]
+    @property
+    def chunks(self) -> bool:
+        """Whether a prompt can be prefilled in chunks: a call of several tokens after a non-empty
+        cache. TensorRT engines have one profile for prompts (empty cache) and one for steps (one
+        token), so there a prompt is prefilled whole."""
+        return self.engine.target != "tensorrt"
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: dict[str, torch.Tensor], position: int
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One call of the graph: last-position logits ``[B, V]`` and the present cache (as past_*)."""
+        """One call of the graph after a cache of ``position`` tokens: last-position logits
+        ``[B, V]`` and the present cache (as past_*)."""
         feed = {self.gen["ids"]: ids, self.gen["attention_mask"]: mask, **cache}
         if self.static:
-            feed[self.gen["cache_position"]] = torch.tensor([self.pos if cache is self.cache else 0])
+            feed[self.gen["cache_position"]] = torch.tensor([position])
         outs = dict(zip(self.engine.output_names, self.engine.runner.run([feed[n] for n in self.engine.input_names])))
         logits = torch.as_tensor(outs[self.gen["logits"]])[:, -1, :]
         return logits, {past: torch.as_tensor(outs[present]) for present, past in self.outputs.items()}
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """Prompts left-padded into one batch and run with an empty cache: next-token logits per
-        prompt, their cache (left-padded to the longest prompt) and its length."""
+    def prefill(self, prompts: list[list[int]], past: tuple[dict[str, torch.Tensor], int] | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """Prompts left-padded into one batch and run with an empty cache, or (one row, when
+        :attr:`chunks`) the next chunk of a prompt after ``past`` = (the cache its earlier chunks
+        left, that cache's length): next-token logits per prompt, their cache (left-padded to the
+        longest prompt) and its length."""
+        if past is not None and len(prompts) != 1:
+            raise ValueError("a chunk after a cache is prefilled one row at a time")
+        cache, start = past if past is not None else (self.empty(len(prompts)), self.min_past)
         longest = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), longest, dtype=torch.int64)
         mask = torch.zeros(len(prompts), longest, dtype=torch.int64)
         for r, p in enumerate(prompts):
             ids[r, longest - len(p):] = torch.tensor(p, dtype=torch.int64)
             mask[r, longest - len(p):] = 1
-        return (*self.forward(ids, mask, self.empty(len(prompts))), longest + self.min_past)
+        return (*self.forward(ids, mask, cache, start), start + longest)
 
     def join(self, cache: dict[str, torch.Tensor], length: int) -> None:
         """Append rows (a prefill's cache of ``length``) to the running batch, right-aligned: the
-        shorter side gets padding on the left."""
+        shorter side gets padding on the left. One copy of the batch's cache."""
         if not self.rows:
             self.cache, self.rows, self.pos = dict(cache), int(cache[self.names[0]].shape[0]), length
             return
         target = max(self.pos, length)
+        n = int(cache[self.names[0]].shape[0])
         if self.static:
-            old = {n: _shift(t, target - self.pos) for n, t in self.cache.items()}
-            new = {n: _shift(t, target - length) for n, t in cache.items()}
+            old = {name: _shift(t, target - self.pos) for name, t in self.cache.items()}
+            new = {name: _shift(t, target - length) for name, t in cache.items()}
+            self.cache = {name: torch.cat([old[name], new[name]]) for name in self.names}
         else:
-            old = {n: _left_pad(t, target) for n, t in self.cache.items()}
-            new = {n: _left_pad(t, target) for n, t in cache.items()}
-        self.cache = {name: torch.cat([old[name], new[name]]) for name in self.names}
-        self.rows += int(cache[self.names[0]].shape[0])
+            self.cache = {name: _stack_right(self.cache[name], cache[name], target) for name in self.names}
+        self.rows += n
         self.pos = target
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only these rows (in this order); drop the columns that are padding in every row left."""
+        """Keep only these rows (in this order); drop the columns that are padding in every row
+        left. One copy of what is kept."""
         if not rows:
             self.cache, self.rows, self.pos = {}, 0, 0
             return
         index = torch.tensor(rows, dtype=torch.int64)
-        cache = {name: t.index_select(0, index) for name, t in self.cache.items()}
-        real = cache[self.names[0]][:, : self.pos].ne(0).any(0).nonzero()
+        mask = self.cache[self.names[0]]
+        real = mask.index_select(0, index)[:, : self.pos].ne(0).any(0).nonzero()
         start = min(int(real[0]) if len(real) else 0, self.pos - self.min_past)
-        if start and self.static:
-            cache = {name: _shift(t, -start) for name, t in cache.items()}
-        elif start:
-            cache = {name: t[:, start:] if t.dim() == 2 else t[:, :, start:] for name, t in cache.items()}
+        if self.static:
+            cache = {name: t.index_select(0, index) for name, t in self.cache.items()}
+            if start:
+                cache = {name: _shift(t, -start) for name, t in cache.items()}
+        else:
+            cache = {name: (t[:, start:] if t.dim() == 2 else t[:, :, start:]).index_select(0, index)
+                     for name, t in self.cache.items()}
         self.cache, self.rows, self.pos = cache, len(rows), self.pos - start
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token per running row; the cache grows by one column. Returns logits ``[B, V]``."""
         ids = torch.tensor(tokens, dtype=torch.int64)[:, None]
-        logits, self.cache = self.forward(ids, torch.ones_like(ids), self.cache)
+        logits, self.cache = self.forward(ids, torch.ones_like(ids), self.cache, self.pos)
         self.pos += 1
         return logits
 
@@ -140,13 +157,19 @@ class CacheBatch:
         return total
 
 
-def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
-    """Zeros on the left of the sequence axis (1 for the mask ``[B, P]``, 2 for ``[B, H, P, D]``)."""
-    missing = length - (t.shape[1] if t.dim() == 2 else t.shape[2])
-    if missing <= 0:
-        return t
-    pad: Any = (missing, 0) if t.dim() == 2 else (0, 0, missing, 0)
-    return F.pad(t, pad)
+def _stack_right(old: torch.Tensor, new: torch.Tensor, length: int) -> torch.Tensor:
+    """``old``'s rows then ``new``'s, each right-aligned in ``length`` positions of the sequence axis
+    (1 for the mask ``[B, P]``, 2 for ``[B, H, P, D]``) with zeros on the left: written once into
+    one new tensor."""
+    axis = 1 if old.dim() == 2 else 2
+    shape = list(old.shape)
+    shape[0], shape[axis] = old.shape[0] + new.shape[0], length
+    out = old.new_empty(shape)
+    for rows, t in ((out[: old.shape[0]], old), (out[old.shape[0]:], new)):
+        pad = length - t.shape[axis]
+        rows.narrow(axis, 0, pad).zero_()
+        rows.narrow(axis, pad, t.shape[axis]).copy_(t)
+    return out
 
 
 def _shift(t: torch.Tensor, by: int) -> torch.Tensor:

@@ -3,12 +3,19 @@
 One thread owns the engine. Every iteration it
 
 1. drops cancelled sequences (a client that went away) and frees their cache rows;
-2. admits waiting requests while the batch has room (``max_batch`` rows) and the step's token
-   budget allows (``max_tokens_per_step`` prompt tokens, padded; one request is always admitted
-   when a row is free, so a long prompt is never starved): they are prefilled together, left-padded,
-   with an empty cache, their first token is picked, and their cache rows join the running batch;
+2. prefills at most ``max_tokens_per_step`` prompt tokens (padding counted), in one call, while
+   the batch has a free row (``max_batch`` rows, a prompt being prefilled holds one): either
+   waiting requests of similar lengths together (left-padded, an empty cache; the padding is
+   kept under a quarter of the call), or the next chunk of a prompt longer than the budget (after
+   the cache its earlier chunks left; chunked prefill, as in vLLM and Sarathi). A request whose
+   prompt is done gets its first token and its cache rows join the running batch;
 3. runs one decode step over every running sequence (``[B, 1]`` with the batch's cache) and picks
    each one's next token with its own sampling settings.
+
+So a decode step waits for at most one prefill call of ``max_tokens_per_step`` tokens: the budget
+bounds the running requests' inter-token latency, and a long prompt never holds them up for its
+whole length. (TensorRT engines take a prompt only with an empty cache: there a long prompt is
+prefilled whole, alone.)
 
 A sequence leaves when it produces an end-of-sequence token, reaches its ``max_tokens`` or the
 artifact's length. The cache is bounded by ``max_batch`` rows of at most the artifact's length;
@@ -68,6 +75,8 @@ class Sequence:
     finished: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
     last_token_at: float | None = None
+    past: Any = None  # (cache, length) of the prompt's chunks prefilled so far
+    filled: int = 0  # prompt tokens prefilled so far
 
 
 class Metrics:
@@ -81,7 +90,7 @@ class Metrics:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, max_tokens_per_step: int = 512,
+    def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, max_tokens_per_step: int = 256,
                  metrics: Metrics | None = None):
         self.batch = CacheBatch(engine)
         self.limits = limits(engine.manifest)
@@ -96,6 +105,7 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.prefilling: Sequence | None = None  # a long prompt being prefilled chunk by chunk
         self._cv = threading.Condition()
         self._accepting = True
         self._stop = False
@@ -150,11 +160,12 @@ class Scheduler:
         the rest get an error event), then end the thread. True when everything finished."""
         with self._cv:
             self._accepting = False
-            done = self._cv.wait_for(lambda: not self.waiting and not self.running, timeout)
+            done = self._cv.wait_for(lambda: not self.waiting and not self.running and self.prefilling is None,
+                                     timeout)
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=60)
-        for seq in list(self.waiting) + list(self.running):
+        for seq in list(self.waiting) + list(self.running) + ([self.prefilling] if self.prefilling else []):
             self._emit(seq, "error", "the server shut down before this request finished")
         return bool(done)
 
@@ -163,7 +174,8 @@ class Scheduler:
         return self._thread.is_alive()
 
     def state(self) -> dict[str, Any]:
-        return {"waiting": len(self.waiting), "running": len(self.running), "cache_tokens": self.batch.length * self.batch.rows,
+        return {"waiting": len(self.waiting), "running": len(self.running) + (self.prefilling is not None),
+                "cache_tokens": self.batch.length * self.batch.rows,
                 "cache_bytes": self.batch.length * self.batch.rows * self.batch.bytes_per_token(),
                 "cache_budget_bytes": self.cache_budget}
 
@@ -171,7 +183,8 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._stop or self.running or any(not s.cancelled for s in self.waiting))
+                self._cv.wait_for(lambda: self._stop or self.running or self.prefilling is not None
+                                  or any(not s.cancelled for s in self.waiting))
                 if self._stop:
                     return
                 self._drop_cancelled()
@@ -187,7 +200,7 @@ class Scheduler:
                 message = f"the model failed on this batch: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 for seq in admitted + self.running:
                     self._emit(seq, "error", message)
-                self.running = []
+                self.running, self.prefilling = [], None
                 self.batch.keep([])
             with self._cv:
                 self._report()
@@ -195,47 +208,75 @@ class Scheduler:
 
     def _drop_cancelled(self) -> None:
         self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        if self.prefilling is not None and self.prefilling.cancelled:
+            self.prefilling.past, self.prefilling = None, None
         keep = [i for i, s in enumerate(self.running) if not s.cancelled]
         if len(keep) != len(self.running):
             self.running = [self.running[i] for i in keep]
             self.batch.keep(keep)
 
     def _admit(self) -> list[Sequence]:
-        admitted: list[Sequence] = []
-        longest = 0
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch:
-            nxt = self.waiting[0]
-            padded = (len(admitted) + 1) * max(longest, len(nxt.prompt))
-            if admitted and padded > self.max_tokens_per_step:
+        """This iteration's prefill: the chunked prompt in progress, or waiting requests."""
+        if self.prefilling is not None:
+            return [self.prefilling]
+        if not self.waiting or len(self.running) >= self.max_batch:
+            return []
+        budget = self.max_tokens_per_step
+        first = self.waiting.popleft()
+        if len(first.prompt) > budget and self.batch.chunks:
+            self.prefilling = first
+            return [first]
+        # others of similar length: padded to the longest, the padding under a quarter of the call
+        group, hi, real = [first], len(first.prompt), len(first.prompt)
+        for seq in list(self.waiting)[:4 * self.max_batch]:
+            if len(self.running) + len(group) >= self.max_batch:
                 break
-            admitted.append(self.waiting.popleft())
-            longest = max(longest, len(nxt.prompt))
-        return admitted
+            n = len(seq.prompt)
+            top = max(hi, n)
+            if (len(group) + 1) * top > budget or (len(group) + 1) * top > 1.25 * (real + n):
+                continue
+            group.append(seq)
+            hi, real = top, real + n
+        for seq in group[1:]:
+            self.waiting.remove(seq)
+        return group
 
     def _prefill(self, admitted: list[Sequence]) -> None:
-        logits, cache, length = self.batch.prefill([s.prompt for s in admitted])
-        keep = [r for r, seq in enumerate(admitted) if self._advance(seq, logits[r])]
-        if keep:
-            import torch
+        import torch
 
-            index = torch.tensor(keep, dtype=torch.int64)
-            rows = {name: t.index_select(0, index) for name, t in cache.items()}
-            self.batch.join(rows, length)
+        if admitted[0] is self.prefilling:
+            seq = self.prefilling
+            chunk = seq.prompt[seq.filled:seq.filled + self.max_tokens_per_step]
+            logits, cache, length = self.batch.prefill([chunk], seq.past)
+            seq.filled += len(chunk)
+            if seq.filled < len(seq.prompt):
+                seq.past = (cache, length)
+                return
+            self.prefilling, seq.past = None, None
+        else:
+            logits, cache, length = self.batch.prefill([s.prompt for s in admitted])
+        keep = [r for r, seq in enumerate(admitted) if self._advance(seq, seq.sampling.pick(logits[r]))]
+        if keep:
+            if len(keep) < len(admitted):
+                index = torch.tensor(keep, dtype=torch.int64)
+                cache = {name: t.index_select(0, index) for name, t in cache.items()}
+            self.batch.join(cache, length)
             self.running.extend(admitted[r] for r in keep)
 
     def _decode(self) -> None:
         self.metrics.batch(len(self.running))
         logits = self.batch.step([s.generated[-1] for s in self.running])
-        keep = [r for r, seq in enumerate(self.running) if self._advance(seq, logits[r])]
+        greedy = logits.argmax(-1).tolist()  # one call for every greedy row
+        keep = [r for r, seq in enumerate(self.running)
+                if self._advance(seq, greedy[r] if seq.sampling.temperature <= 0 else seq.sampling.pick(logits[r]))]
         if len(keep) != len(self.running):
             self.running = [self.running[r] for r in keep]
             self.batch.keep(keep)
 
-    def _advance(self, seq: Sequence, logits: Any) -> bool:
-        """Pick and send ``seq``'s next token; False when the sequence ends here."""
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        """Send ``seq``'s next token; False when the sequence ends here."""
         if seq.cancelled:
             return False
-        token = seq.sampling.pick(logits)
         seq.generated.append(token)
         now = time.monotonic()
         if seq.last_token_at is None:

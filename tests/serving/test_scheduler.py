@@ -53,21 +53,36 @@ def _run_all(scheduler, reqs, sampling=lambda i: Sampling()):
 def test_64_concurrent_requests_decode_as_each_alone(request, which):
     """Dynamic caches (rows left-padded to a common length) and a static one (slot buffers, rows
     shifted to the batch's cache position) alike, on ONNX Runtime and on the torch target (whose
-    program takes no empty past: one padding slot stands for it)."""
+    program takes no empty past: one padding slot stands for it). Prompts of 1..40 tokens with a
+    budget of 24 per call: short ones are prefilled in groups, long ones in chunks, and no call
+    ever takes more than the budget."""
     path = request.getfixturevalue(f"{which}_artifact")
     engine = graphopt.load(path)
     vocab = VOCAB if which.startswith("llama") else 512
     reqs = _requests(64, vocab, 40, 24, seed=1)
-    scheduler = Scheduler(engine, max_batch=8, max_queue=64, max_tokens_per_step=96).start()
+    budget, calls = 24, []
+    ids_at = engine.input_names.index(engine.manifest["generation"]["ids"])
+    real_run = engine.runner.run
+
+    def run(flat):
+        calls.append(tuple(flat[ids_at].shape))
+        return real_run(flat)
+
+    engine.runner.run = run
+    scheduler = Scheduler(engine, max_batch=8, max_queue=64, max_tokens_per_step=budget).start()
     try:
         got = _run_all(scheduler, reqs)
     finally:
         assert scheduler.stop(10)
+    engine.runner.run = real_run
     for (prompt, n), c in zip(reqs, got):
         alone = engine.generate(torch.tensor([prompt]), n)[0, len(prompt):].tolist()
         assert c.tokens == alone and c.end == ("done", "length")
     state = scheduler.state()
     assert state["running"] == 0 and state["cache_bytes"] == 0  # every row freed
+    prefills = [b * s for b, s in calls if s > 1]
+    assert max(prefills) == budget  # long prompts were chunked to the budget, never past it
+    assert any(b > 1 for b, s in calls if s > 1)  # short ones shared calls
 
 
 def test_seeded_sampling_is_reproducible_per_request(llama_artifact):
@@ -140,3 +155,26 @@ def test_requests_the_artifact_cannot_hold_are_refused(llama_artifact):
         scheduler.submit(Sequence([VOCAB + 5], 2))
     with pytest.raises(InputError, match="outside the batch range"):
         Scheduler(graphopt.load(llama_artifact), max_batch=64)
+
+
+def test_without_chunks_a_long_prompt_is_prefilled_whole_and_alone(llama_artifact, monkeypatch):
+    """Where the runtime takes a prompt only with an empty cache (TensorRT's profiles), a prompt over
+    the budget is prefilled in one call of its own; the tokens are still each prompt's alone."""
+    from graphopt.serving.batch import CacheBatch
+
+    monkeypatch.setattr(CacheBatch, "chunks", property(lambda self: False))
+    engine = graphopt.load(llama_artifact)
+    calls = []
+    real_run = engine.runner.run
+    ids_at = engine.input_names.index(engine.manifest["generation"]["ids"])
+    engine.runner.run = lambda flat: calls.append(tuple(flat[ids_at].shape)) or real_run(flat)
+    reqs = [([7] * 30, 3), ([5, 6], 3), ([9] * 12, 2)]
+    scheduler = Scheduler(engine, max_batch=4, max_tokens_per_step=8).start()
+    try:
+        got = _run_all(scheduler, reqs)
+    finally:
+        scheduler.stop(10)
+    engine.runner.run = real_run
+    assert (1, 30) in calls and (1, 12) in calls
+    for (prompt, n), c in zip(reqs, got):
+        assert c.tokens == engine.generate(torch.tensor([prompt]), n)[0, len(prompt):].tolist()
