@@ -141,7 +141,12 @@ class _Outbox:
             self.pending.append((queue, event))
             wake = len(self.pending) == 1
         if wake:
-            self.loop.call_soon_threadsafe(self._deliver)
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop has closed (shutdown): nobody is left to read these
+                with self.lock:
+                    self.pending.clear()
+                raise
 
     def _deliver(self) -> None:
         with self.lock:
