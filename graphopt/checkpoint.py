@@ -94,7 +94,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_checkpoint(path: str | Path, *, dtype: str | torch.dtype | None = None,
-                    dynamic: DynamicSpec | None = None) -> Checkpoint:
+                    dynamic: DynamicSpec | None = None, layers: int | None = None) -> Checkpoint:
     """Load the checkpoint directory ``path`` (config.json + safetensors + tokenizer).
 
     Args:
@@ -102,6 +102,8 @@ def load_checkpoint(path: str | Path, *, dtype: str | torch.dtype | None = None,
         dtype: ``float32`` / ``bfloat16`` / ``float16`` (or a torch dtype); default: the config's.
         dynamic: ``{input: {dim: (min, max)}}`` merged over the defaults (batch 1..8, sequence
             1..min(max_position_embeddings, 4096)); the example inputs are sized to fit it.
+        layers: keep only the first N decoder layers (the embeddings, final norm and head stay):
+            a draft model for speculative decoding made from the target's own checkpoint.
 
     Raises:
         ModelLoadError: the directory lacks a file, names an architecture this transformers does
@@ -113,6 +115,13 @@ def load_checkpoint(path: str | Path, *, dtype: str | torch.dtype | None = None,
         raise ModelLoadError(f"checkpoint directory {folder} does not exist")
     want_dtype = resolve_dtype(dtype)
     config = _read_config(folder)
+    if layers is not None:
+        total = getattr(config, "num_hidden_layers", None)
+        if isinstance(layers, bool) or not isinstance(layers, int) or total is None or not 1 <= layers <= total:
+            raise InputError(f"layers={layers!r}: {folder} has {total} decoder layers; keep between 1 and {total}"
+                             if total is not None else f"layers={layers!r}: {folder}'s config.json has no "
+                             "num_hidden_layers, so its layers cannot be cut")
+        config.num_hidden_layers = layers
     weights = _weight_files(folder)
     tokenizer, tok_json = _load_tokenizer(folder)
     dyn = default_dynamic(config)
@@ -121,7 +130,7 @@ def load_checkpoint(path: str | Path, *, dtype: str | torch.dtype | None = None,
     example = _example_inputs(tokenizer, config, dyn, folder)
     dyn = {k: v for k, v in dyn.items() if k in example}
     the_dtype = want_dtype or config_dtype(config)
-    module = _load_module(folder, config, the_dtype)
+    module = _load_module(folder, config, the_dtype, cut=layers is not None)
     return Checkpoint(module=module, example_inputs=example, dynamic=dyn, tokenizer=tok_json, path=folder,
                       config=config, dtype=the_dtype, weight_files=weights)
 
@@ -296,7 +305,18 @@ def model_class(config: Any) -> Any:
     return AutoModelForCausalLM if causal else AutoModel
 
 
-def _load_module(folder: Path, config: Any, dtype: torch.dtype) -> torch.nn.Module:
+def _load_module(folder: Path, config: Any, dtype: torch.dtype, cut: bool = False) -> torch.nn.Module:
+    """``cut``: the config keeps fewer layers than the weights hold, so transformers' report of the
+    weights left unused (the other layers') is expected and not shown."""
+    if cut:
+        from transformers.utils import logging as hf_logging
+
+        before = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return _load_module(folder, config, dtype)
+        finally:
+            hf_logging.set_verbosity(before)
     cls = model_class(config)
     if hasattr(config, "use_cache"):
         config.use_cache = False  # the kv-cache pass inserts the cache into the graph

@@ -121,7 +121,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            report=None if args.report == "json" else "html", inputs=args.inputs or cfg.inputs,
                            target_options=_require_engine(args, target, cfg.target_options), n_random=args.random_inputs,
                            progress=progress, model_spec=model_spec,
-                           tokenizer=args.tokenizer or cfg.tokenizer or factory_tokenizer(factory_file), dtype=args.dtype)
+                           tokenizer=args.tokenizer or cfg.tokenizer or factory_tokenizer(factory_file), dtype=args.dtype,
+                           layers=args.layers)
     from graphopt.report import format_table
 
     print(format_table(art.report))
@@ -213,8 +214,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = torch.tensor(ids)
     n_prompt = prompt.shape[1]
     # checks every argument and the artifact's length limit before anything is printed
+    speculative = None
+    if args.speculative:
+        from graphopt.speculative import Draft, PromptLookup
+
+        if args.speculative.strip().lower() == "prompt-lookup":
+            speculative = PromptLookup(ngram=args.ngram, **({"num_tokens": args.draft_tokens} if args.draft_tokens else {}))
+        else:
+            speculative = Draft(args.speculative, **({"num_tokens": args.draft_tokens} if args.draft_tokens else {}))
+    elif args.draft_tokens is not None:
+        raise InputError("--draft-tokens needs --speculative prompt-lookup or --speculative DRAFT_DIR")
     steps = eng.stream(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       seed=args.seed, eos_token_id=args.eos, truncate=args.truncate)
+                       seed=args.seed, eos_token_id=args.eos, truncate=args.truncate, speculative=speculative)
     seq, shown = prompt, ""
     if tok is not None and not args.quiet:  # stream the text as it is generated
         shown = tok.decode(ids[0])
@@ -237,6 +248,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         reason = getattr(seq, "stop_reason", None) or STOP_LENGTH  # no step ran: the prompt filled the artifact
         why = f", the artifact's limit of {limits(eng.manifest).max_len} tokens" if reason == STOP_LENGTH else ""
         _eprint(f"[stopped: {reason} ({len(new)} new token{'s' * (len(new) != 1)}{why})]")
+        spec = getattr(seq, "speculation", None)
+        if spec:
+            _eprint(f"[speculative {spec['method']}: {spec['accepted']}/{spec['proposed']} drafts accepted "
+                    f"({spec['acceptance_rate']:.0%}), {spec['target_calls']} target calls for {len(new)} tokens]")
     return EXIT_OK
 
 
@@ -457,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mark an input dim dynamic (repeatable), e.g. input_ids:1=1..512")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="checkpoint directories: load the weights in this dtype (default: the dtype in its config.json)")
+    c.add_argument("--layers", type=int, metavar="N", help="checkpoint directories: keep the first N decoder layers "
+                   "(embeddings, final norm and head stay): a draft for `graphopt generate --speculative DRAFT_DIR` "
+                   "made from the target's own checkpoint")
     c.add_argument("--tokenizer", metavar="tokenizer.json", help="ship this tokenizer in the artifact for "
                    "`graphopt generate --prompt` (default: the factory file's TOKENIZER, if any)")
     c.add_argument("--no-verify", action="store_true", help="skip per-pass and post-lowering verification")
@@ -492,6 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--eos", type=int, help="stop at this token id")
     gen.add_argument("--truncate", action="store_true", help="stop at the artifact's maximum length (prompt + new "
                      "tokens, see `graphopt inspect`) instead of refusing a request that does not fit")
+    gen.add_argument("--speculative", metavar="prompt-lookup|DRAFT_DIR",
+                     help="speculative decoding (kv-cache artifacts): 'prompt-lookup' drafts from n-grams of the "
+                          "prompt and the text so far; DRAFT_DIR is a smaller artifact over the same tokenizer, "
+                          "compiled with kv-cache. Same tokens as without (greedy), same distribution (sampling); "
+                          "the acceptance rate is printed on stderr")
+    gen.add_argument("--draft-tokens", type=int, help="draft length to start with (adapted per step; default 8 "
+                     "for prompt-lookup, 4 for a draft model)")
+    gen.add_argument("--ngram", type=int, default=3, help="prompt-lookup: longest n-gram matched (default 3)")
     gen.add_argument("-q", "--quiet", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

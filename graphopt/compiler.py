@@ -94,8 +94,8 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
              extra_inputs: list[list[torch.Tensor]] | None = None, n_random: int = 1,
              progress: Callable[..., None] | None = None, model_spec: str | None = None,
              report: Report | None = None, artifact_dir: str | Path | None = None,
-             tokenizer: str | Path | None = None, tracker: PhaseTracker | None = None, dtype: Any = None
-             ) -> tuple[GraphIR, GraphIR, Report, Verifier | None]:
+             tokenizer: str | Path | None = None, tracker: PhaseTracker | None = None, dtype: Any = None,
+             layers: int | None = None) -> tuple[GraphIR, GraphIR, Report, Verifier | None]:
     """Capture (unless given a GraphIR) and run the pipeline with per-pass verification.
 
     Returns ``(original, optimized, report, verifier)``.
@@ -110,10 +110,10 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
 
         model_spec = model_spec or str(model)
         model, example_inputs, dynamic, tokenizer = resolve_model_arg(model, example_inputs, dynamic, dtype=dtype,
-                                                                      tokenizer=tokenizer)
-    elif dtype is not None:
-        raise InputError("dtype (--dtype) applies to a model given as a checkpoint directory; cast a module "
-                         "yourself (model.to(torch.bfloat16) in the factory) instead")
+                                                                      tokenizer=tokenizer, layers=layers)
+    elif dtype is not None or layers is not None:
+        raise InputError(("dtype (--dtype)" if dtype is not None else "layers (--layers)") + " applies to a model "
+                         "given as a checkpoint directory; cast or cut a module yourself (in the factory) instead")
     tracker = tracker or PhaseTracker(progress)
     if isinstance(model, GraphIR):
         if example_inputs is not None or dynamic is not None:
@@ -222,7 +222,8 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
             dump_ir: str | None = None, report: str | None = "html", inputs: str | Path | None = None,
             target_options: dict[str, Any] | None = None, n_random: int = 1,
             progress: Callable[..., None] | None = None, model_spec: str | None = None,
-            tokenizer: str | Path | None = None, dtype: Any = None, memory_check: bool = True) -> Artifact:
+            tokenizer: str | Path | None = None, dtype: Any = None, memory_check: bool = True,
+            layers: int | None = None) -> Artifact:
     """Compile ``model`` into an artifact directory at ``out``.
 
     Args:
@@ -242,6 +243,8 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
             --prompt`` uses it).
         dtype: ``float32`` / ``bfloat16`` / ``float16``: the dtype a checkpoint directory is loaded
             in (default: its config's).
+        layers: a checkpoint directory's first N decoder layers only (``--layers``): a draft model
+            for speculative decoding made from the target's own checkpoint.
     """
     t_start = time.perf_counter()
     pm = get_plugin_manager()
@@ -255,10 +258,10 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
 
         model_spec = model_spec or str(model)
         model, example_inputs, dynamic, tokenizer = resolve_model_arg(model, example_inputs, dynamic, dtype=dtype,
-                                                                      tokenizer=tokenizer)
-    elif dtype is not None:
-        raise InputError("dtype (--dtype) applies to a model given as a checkpoint directory; cast a module "
-                         "yourself (model.to(torch.bfloat16) in the factory) instead")
+                                                                      tokenizer=tokenizer, layers=layers)
+    elif dtype is not None or layers is not None:
+        raise InputError(("dtype (--dtype)" if dtype is not None else "layers (--layers)") + " applies to a model "
+                         "given as a checkpoint directory; cast or cut a module yourself (in the factory) instead")
     tracker = PhaseTracker(progress)
     estimate = None
     if not isinstance(model, GraphIR):

@@ -36,21 +36,26 @@ class LoadedModel:
     tokenizer: str | None = None
 
 
-def load_model(spec: str | Path, *, dtype: Any = None, dynamic: dict | None = None) -> LoadedModel:
+def load_model(spec: str | Path, *, dtype: Any = None, dynamic: dict | None = None,
+               layers: int | None = None) -> LoadedModel:
     """Resolve ``spec``: a checkpoint directory or ``path/to/file.py:factory``.
 
     ``dtype`` (``float32`` / ``bfloat16`` / ``float16``) and ``dynamic`` shape what a checkpoint
     directory loads as (its example inputs are sized to fit ``dynamic``); for a factory, ``dynamic``
     is left to the caller to merge and ``dtype`` is refused (the factory decides its dtype).
+    ``layers`` keeps a checkpoint's first N decoder layers (a draft model for speculative decoding).
     """
     from graphopt.checkpoint import is_checkpoint_dir, load_checkpoint
 
     if is_checkpoint_dir(spec):
-        ck = load_checkpoint(spec, dtype=dtype, dynamic=dynamic)
+        ck = load_checkpoint(spec, dtype=dtype, dynamic=dynamic, layers=layers)
         return LoadedModel(ck.module, ck.example_inputs, ck.dynamic, str(ck.tokenizer) if ck.tokenizer else None)
     if dtype is not None:
         raise InputError(f"dtype {dtype!r} applies to checkpoint directories; {spec} is a factory file: cast the "
                          "module in the factory (model.to(torch.bfloat16)) instead")
+    if layers is not None:
+        raise InputError(f"layers={layers!r} applies to checkpoint directories; {spec} is a factory file: build the "
+                         "shallower model in the factory instead")
     module_obj, example_inputs, dyn, factory_file = load_factory_with_module(str(spec))
     return LoadedModel(module_obj, example_inputs, dyn, factory_tokenizer(factory_file))
 
@@ -119,12 +124,12 @@ def load_factory_with_module(spec: str, **kwargs: Any) -> tuple[torch.nn.Module,
 
 
 def resolve_model_arg(model: str | Path, example_inputs: Any = None, dynamic: dict | None = None, *,
-                      dtype: Any = None, tokenizer: str | Path | None = None
+                      dtype: Any = None, tokenizer: str | Path | None = None, layers: int | None = None
                       ) -> tuple[torch.nn.Module, Any, dict | None, str | Path | None]:
     """``compile("DIR")`` / ``optimize("file.py:factory")``: a model given as a spec →
     ``(module, example_inputs, dynamic, tokenizer)``. What the caller passed explicitly wins:
     its example inputs and tokenizer replace the spec's, its dynamic dims are merged over them."""
-    loaded = load_model(model, dtype=dtype, dynamic=dynamic)
+    loaded = load_model(model, dtype=dtype, dynamic=dynamic, layers=layers)
     merged = {k: dict(v) for k, v in (loaded.dynamic or {}).items()}
     for name, dims in (dynamic or {}).items():
         merged.setdefault(name, {}).update(dims)

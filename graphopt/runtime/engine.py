@@ -128,7 +128,7 @@ class Engine:
     # -- generation ------------------------------------------------------------------------
     def generate(self, ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
                  eos_token_id: int | list[int] | None = None, attention_mask: Any = None, seed: int | None = None,
-                 truncate: bool = False) -> torch.Tensor:
+                 truncate: bool = False, speculative: Any = None) -> torch.Tensor:
         """Greedy (temperature 0) or sampled decoding; returns prompt + new tokens [B, T + n] (int64).
 
         ``ids`` is an integer tensor / numpy array [B, T] (or [T]). The request must fit the artifact:
@@ -141,12 +141,18 @@ class Engine:
         or ``"max_new_tokens"``; ``out.stop_reasons`` gives it per row. Rows that end early are padded
         with ``eos_token_id`` (first one when a list). The attributes live on this tensor object only:
         slicing or arithmetic returns plain tensors.
+
+        ``speculative`` turns on speculative decoding (kv-cache artifacts): ``"prompt-lookup"``, a
+        draft artifact directory or loaded Engine over the same vocabulary, or
+        :class:`graphopt.speculative.PromptLookup` / :class:`graphopt.speculative.Draft` with
+        options. The tokens are the same (greedy) or identically distributed (sampling);
+        ``out.speculation`` says how many drafts were proposed and accepted.
         """
         from graphopt.runtime.generation import STOP_LENGTH, mark
 
         req, steps = self._start(ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                  eos_token_id=eos_token_id, attention_mask=attention_mask, seed=seed,
-                                 truncate=truncate)
+                                 truncate=truncate, speculative=speculative)
         last = None
         for seq in steps:
             last = seq
@@ -156,7 +162,7 @@ class Engine:
 
     def stream(self, ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
                eos_token_id: int | list[int] | None = None, attention_mask: Any = None, seed: int | None = None,
-               truncate: bool = False) -> Iterator[torch.Tensor]:
+               truncate: bool = False, speculative: Any = None) -> Iterator[torch.Tensor]:
         """Yield the growing sequence [B, T + i] after every new token (arguments as :meth:`generate`).
 
         The arguments are checked when ``stream`` is called, before the first step. Every yielded
@@ -167,15 +173,30 @@ class Engine:
         Artifacts compiled with the ``kv-cache`` pass prefill the prompt once and then feed one
         token per step with the cache (kept in bound OrtValues for ONNX Runtime). Artifacts without
         a cache recompute the whole prefix each step (correct, O(T^2)). ``attention_mask`` marks
-        left padding for prompts of different lengths.
+        left padding for prompts of different lengths. With ``speculative`` (see :meth:`generate`)
+        a step may add several tokens; each is still yielded on its own.
         """
         return self._start(ids, max_new_tokens, temperature=temperature, top_k=top_k, eos_token_id=eos_token_id,
-                           attention_mask=attention_mask, seed=seed, truncate=truncate)[1]
+                           attention_mask=attention_mask, seed=seed, truncate=truncate, speculative=speculative)[1]
 
-    def _start(self, ids: Any, max_new_tokens: Any, **kw: Any) -> tuple[Any, Iterator[torch.Tensor]]:
+    def _start(self, ids: Any, max_new_tokens: Any, speculative: Any = None, **kw: Any
+               ) -> tuple[Any, Iterator[torch.Tensor]]:
         from graphopt.runtime.generation import prepare, stream_cached, stream_full_prefix
 
         req = prepare(self, ids, max_new_tokens, **kw)
+        if speculative is not None:
+            from graphopt.speculative import check_draft, resolve, stream_speculative
+
+            opts = resolve(speculative)
+            if req.limits.kind != "kv-cache":
+                raise InputError("speculative decoding checks drafts with the model's KV cache, and this artifact "
+                                 "was compiled without one; compile with --pipeline cleanup,fuse,kv-cache")
+            if self.target == "tensorrt":
+                raise InputError("speculative decoding needs multi-token steps after a cache, and a TensorRT engine's "
+                                 "step profile takes one token; compile for the onnx or torch target to speculate")
+            if hasattr(opts, "engine"):
+                check_draft(self, opts.engine)
+            return req, stream_speculative(self, req, opts)
         fn = stream_cached if req.limits.kind == "kv-cache" else stream_full_prefix
         return req, fn(self, req)
 

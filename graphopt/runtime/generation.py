@@ -38,14 +38,21 @@ if TYPE_CHECKING:
 STOP_EOS, STOP_LENGTH, STOP_MAX_NEW_TOKENS = "eos", "length", "max_new_tokens"
 
 
-def pick_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from last-position logits [B, V]: argmax at temperature 0, else sampled."""
-    if temperature <= 0:
-        return logits.argmax(-1)
+def filtered_scores(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """Sampling scores of logits [..., V]: divided by ``temperature``, all but the ``top_k`` best
+    set to -inf (softmax of them is the distribution a token is drawn from)."""
     scores = logits.float() / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
+    return scores
+
+
+def pick_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from last-position logits [B, V]: argmax at temperature 0, else sampled."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scores = filtered_scores(logits, temperature, top_k)
     return torch.multinomial(torch.softmax(scores, -1), 1, generator=gen).squeeze(-1)
 
 

@@ -86,6 +86,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--replans", default="", help="STEP:TOTAL,... schedule re-plans to replay (from training.json)")
     # tokenizer
     p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--distill-from", type=Path, default=None, metavar="CHECKPOINT",
+                   help="train to match this model's next-token distributions (knowledge distillation: KL to its "
+                        "softmax, plus --distill-ce x the usual cross-entropy): a draft for speculative decoding "
+                        "agrees with its target far more often than one trained on the text alone")
+    p.add_argument("--distill-ce", type=float, default=0.1, help="weight of the cross-entropy term when distilling")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="reuse this tokenizer.json instead of training one (a draft model for speculative decoding "
+                        "must share the target's tokenizer: --tokenizer samples/shakespeare/checkpoint/tokenizer.json)")
     # model
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -200,11 +208,25 @@ def get_batch(ids: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Gener
     return w[:, :-1], w[:, 1:]
 
 
-def train_step(model, opt, x, y, lr: float, grad_clip: float) -> float:
+def _display_path(path: Path) -> str:
+    """A path relative to the repository when it lies inside it (training.json is committed)."""
+    try:
+        return str(Path(path).resolve().relative_to(HERE.parents[1]))
+    except ValueError:
+        return str(path)
+
+
+def train_step(model, opt, x, y, lr: float, grad_clip: float, teacher=None, ce_weight: float = 0.1) -> float:
     for g in opt.param_groups:
         g["lr"] = lr
     logits = model(input_ids=x).logits
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    if teacher is not None:  # distillation: KL(teacher || student) per token, plus a little cross-entropy
+        with torch.no_grad():
+            target = F.log_softmax(teacher(input_ids=x).logits.float(), -1).reshape(-1, logits.shape[-1])
+        kl = F.kl_div(F.log_softmax(logits, -1).reshape(-1, logits.shape[-1]), target, log_target=True,
+                      reduction="batchmean")
+        loss = kl + ce_weight * loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -212,7 +234,7 @@ def train_step(model, opt, x, y, lr: float, grad_clip: float) -> float:
     return loss.item()
 
 
-def probe_step_time(model, args, train_ids: torch.Tensor, threads: int) -> float:
+def probe_step_time(model, args, train_ids: torch.Tensor, threads: int, teacher=None) -> float:
     """Median seconds per training step of a throw-away copy of ``model`` (first step excluded)."""
     torch.set_num_threads(threads)
     probe = copy.deepcopy(model).train()
@@ -222,7 +244,7 @@ def probe_step_time(model, args, train_ids: torch.Tensor, threads: int) -> float
     for _ in range(max(2, args.calib_steps)):
         x, y = get_batch(train_ids, args.batch_size, args.seq_len, gen)
         ts = time.monotonic()
-        train_step(probe, probe_opt, x, y, args.lr * 0.1, args.grad_clip)
+        train_step(probe, probe_opt, x, y, args.lr * 0.1, args.grad_clip, teacher, args.distill_ce)
         times.append(time.monotonic() - ts)
     return sorted(times[1:])[len(times[1:]) // 2]
 
@@ -252,7 +274,12 @@ def main(argv=None) -> int:
     text = factory.read_text()
     train_text, heldout_text = factory.split_text(text)
     log(f"data: {len(text):,} chars -> train {len(train_text):,} (text[:{len(train_text)}]), held-out {len(heldout_text):,}")
-    tok = train_tokenizer(train_text, args.vocab_size)
+    if args.tokenizer is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(args.tokenizer))
+    else:
+        tok = train_tokenizer(train_text, args.vocab_size)
     train_ids = torch.tensor(tok.encode(train_text).ids, dtype=torch.int64)
     heldout_ids = torch.tensor(tok.encode(heldout_text).ids, dtype=torch.int64)
     assert tok.decode(heldout_ids.tolist()) == heldout_text, "byte-level BPE must round-trip the text"
@@ -268,12 +295,23 @@ def main(argv=None) -> int:
         f"{model.config.num_attention_heads} heads / {model.config.num_key_value_heads} KV heads, "
         f"intermediate {model.config.intermediate_size}")
     tokens_per_step = args.batch_size * args.seq_len
+    teacher = None
+    if args.distill_from is not None:
+        from transformers import AutoModelForCausalLM
+
+        teacher = AutoModelForCausalLM.from_pretrained(str(args.distill_from), local_files_only=True).eval()
+        teacher.requires_grad_(False)
+        if teacher.config.vocab_size != tok.get_vocab_size():
+            raise SystemExit(f"--distill-from {args.distill_from}: vocabulary {teacher.config.vocab_size} != the "
+                             f"tokenizer's {tok.get_vocab_size()}; pass --tokenizer {args.distill_from}/tokenizer.json")
+        log(f"distilling from {args.distill_from} ({sum(p.numel() for p in teacher.parameters()):,} parameters; "
+            f"loss = KL(teacher || model) + {args.distill_ce} x cross-entropy)")
 
     # -- size the run to the budget -------------------------------------------------------------
     # reserve: the final whole-split evaluation (forward only, ~1/3 of a training step per token)
     # and saving; estimated from the measured step time.
     if args.steps is None or len(thread_choices) > 1:
-        probed = {n: probe_step_time(model, args, train_ids, n) for n in thread_choices}
+        probed = {n: probe_step_time(model, args, train_ids, n, teacher) for n in thread_choices}
         threads = min(probed, key=probed.get)
         step_s = probed[threads]
         if len(probed) > 1:
@@ -317,7 +355,7 @@ def main(argv=None) -> int:
             break
         x, y = get_batch(train_ids, args.batch_size, args.seq_len, gen)
         lr = schedule.lr(step)
-        recent.append(train_step(model, opt, x, y, lr, args.grad_clip))
+        recent.append(train_step(model, opt, x, y, lr, args.grad_clip, teacher, args.distill_ce))
         step = done = step + 1
         if adaptive and done % args.log_every == 0 and done > warmup:
             # re-plan on the step time of the last ~100 steps (periodic evaluations included)
@@ -406,6 +444,8 @@ def main(argv=None) -> int:
             "test_subset": {"windows": args.test_windows, "batch_size": 8, "perplexity": ppl_subset},
         },
         "parameters": n_params,
+        "distilled_from": (None if args.distill_from is None else {
+            "checkpoint": _display_path(args.distill_from), "loss": f"KL(teacher || model) + {args.distill_ce} x CE"}),
         "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
                   "intermediate": args.intermediate, "max_positions": args.max_positions,
                   "vocab_size": tok.get_vocab_size()},
