@@ -38,11 +38,13 @@ right, padding on the left) when the artifact's length would not hold the next c
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from graphopt.errors import InputError
@@ -83,9 +85,17 @@ class Draft:
     num_tokens: int = 4
     max_tokens: int = 16
     adaptive: bool = True
+    #: a row stops drafting at a token whose draft probability is below this (Hugging Face's
+    #: ``assistant_confidence_threshold``, 0.4 there). Off by default: knowing the next token's
+    #: probability costs the draft call anyway, and on the CPU a wider check costs the target
+    #: little, so stopping early lost more accepted tokens than it saved (trained decoder, 1-layer draft)
+    confidence: float = 0.0
 
     def __post_init__(self) -> None:
         _check_counts(self)
+        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) \
+                or not 0 <= self.confidence < 1:
+            raise InputError(f"Draft(confidence=...) must be a number in [0, 1), got {self.confidence!r}")
         if isinstance(self.engine, (str, Path)):
             import graphopt
 
@@ -151,6 +161,13 @@ class _Cache:
         self.cols = self.min_past
         self.capacity = int(gen["max_len"])
         self.calls = 0
+        # ONNX Runtime on the CPU, no dtype conversions: its session is called directly (the
+        # runner's per-call checks and conversions cost as much as a small draft's forward)
+        runner = engine.runner
+        direct = (engine.target == "onnx" and getattr(runner, "device", None) == "cpu"
+                  and getattr(runner, "session", None) is not None
+                  and all(d is None for d in getattr(runner, "output_dtypes", [object()])))
+        self.session = runner.session if direct else None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -162,12 +179,13 @@ class _Cache:
         feed = {gen["ids"]: ids, gen["attention_mask"]: mask, **self.cache}
         if self.static:
             feed[gen["cache_position"]] = torch.tensor([self.cols], dtype=torch.int64)
-        outs = dict(zip(self.engine.output_names,
-                        self.engine.runner.run([feed[n] for n in self.engine.input_names])))
+        if self.session is not None:
+            arrays = self.session.run(None, {n: np.ascontiguousarray(feed[n].numpy()) for n in self.engine.input_names})
+            outs = dict(zip(self.engine.output_names, (torch.from_numpy(a) for a in arrays)))
+        else:
+            outs = dict(zip(self.engine.output_names,
+                            self.engine.runner.run([feed[n] for n in self.engine.input_names])))
         self.cache = {past: torch.as_tensor(outs[present]) for present, past in self.outputs.items()}
-        # rollbacks clear mask columns in place: a copy of the small mask (the torch runner
-        # returns inference tensors, which refuse in-place updates)
-        self.cache[self.mask_name] = self.cache[self.mask_name].clone()
         self.cols += ids.shape[1]
         self.calls += 1
         return torch.as_tensor(outs[gen["logits"]])
@@ -187,6 +205,9 @@ class _Cache:
     def drop(self, counts: list[int]) -> None:
         """Roll row ``i`` back by its last ``counts[i]`` columns (the newest call's, at most)."""
         common = min(counts)
+        if any(n > common for n in counts) and self.mask.is_inference():
+            # the torch runner returns inference tensors, which refuse in-place updates
+            self.cache[self.mask_name] = self.mask.clone()
         for i, n in enumerate(counts):
             if n > common:
                 self.mask[i, self.cols - n: self.cols - common] = 0
@@ -195,6 +216,8 @@ class _Cache:
 
     def _cut(self, cols: int) -> None:
         if self.static:
+            if self.mask.is_inference():
+                self.cache[self.mask_name] = self.mask.clone()
             self.mask[:, cols:] = 0
         else:
             self.cache = {n: (t[:, :cols] if t.dim() == 2 else t[:, :, :cols]).contiguous()
@@ -305,7 +328,10 @@ class _ModelDrafter:
         self.engine: Engine = opts.engine
         self.cache = _Cache(self.engine, batch)
         self.fed = [0] * batch
-        self.added = 0  # columns the last proposal appended
+        self.confidence = float(opts.confidence)
+        self.added = self.width = 0  # columns the last proposal appended; its first call's
+        self.pending: list[int] = []
+        self.fed_drafts: list[int] = []
 
     def start(self, rows: list[list[int]]) -> None:
         self.cache.feed([r[:-1] for r in rows])  # the prompt; its last token is fed with the first draft
@@ -317,13 +343,18 @@ class _ModelDrafter:
 
         pending = [r[f:] if a else [] for r, f, a in zip(rows, self.fed, active)]
         width = max(len(p) for p in pending)
+        self.added = 0
         if self.cache.room() < width + k - 1:
             self.cache.compact()
         k = min(k, self.cache.room() - width + 1)
         if k < 1:
             return [[] for _ in rows], None
         logits = self.cache.feed(pending)
+        self.added = self.width = width
+        self.pending = [len(p) for p in pending]
         drafts: list[list[int]] = [[] for _ in rows]
+        drafting = list(active)
+        fed_drafts = [0] * len(rows)
         qs = []
         for j in range(k):
             if req.temperature > 0:
@@ -331,27 +362,34 @@ class _ModelDrafter:
                 tok = torch.multinomial(q, 1, generator=req.generator).squeeze(-1)
                 qs.append(q)
             else:
+                q = torch.softmax(logits.float(), -1) if self.confidence else None
                 tok = logits.argmax(-1)
-            for i, a in enumerate(active):
-                if a:
+            if self.confidence and j:  # a draft the drafter doubts is not worth a check (HF's threshold);
+                top = q.max(-1).values  # the first is always proposed (one draft call buys it anyway)
+                drafting = [d and float(top[i]) >= self.confidence for i, d in enumerate(drafting)]
+            for i, d in enumerate(drafting):
+                if d:
                     drafts[i].append(int(tok[i]))
-            if j < k - 1:
-                logits = self.cache.feed([[d[-1]] if d else [] for d in drafts])
-        for i, p in enumerate(pending):
-            self.fed[i] += len(p) + (k - 1 if active[i] else 0)
-        self.added = width + k - 1
-        return drafts, (torch.stack(qs, 1) if qs else None)
+            if j == k - 1 or not any(drafting):
+                break
+            logits = self.cache.feed([[drafts[i][-1]] if d else [] for i, d in enumerate(drafting)])
+            self.added += 1
+            fed_drafts = [f + 1 if d else f for f, d in zip(fed_drafts, drafting)]
+        self.fed_drafts = fed_drafts
+        return drafts, (torch.stack(qs, 1)[:, : max(len(d) for d in drafts)] if qs else None)
 
     def commit(self, kept: list[int], proposed: list[int], active: list[bool]) -> None:
-        """Row ``i`` kept ``kept[i]`` of its ``proposed[i]`` drafts: the draft fed all but the
-        last, so it keeps ``min(kept, proposed - 1)`` of the ``proposed - 1`` it fed; the columns
-        of rows that took no part (padding) go too."""
-        if not any(proposed):
+        """Row ``i`` kept ``kept[i]`` of its ``proposed[i]`` drafts; the draft fed it
+        ``fed_drafts[i]`` of them (all but the last, unless the row stopped drafting early): the
+        draft's cache keeps the row's pending tokens and the kept drafts it fed, and drops every
+        column of this round after them (rows that took no part: the whole round, padding)."""
+        if not self.added:
             return
-        fed_drafts = [max(p - 1, 0) for p in proposed]
-        drop = [f - min(k, f) if a else self.added for k, f, a in zip(kept, fed_drafts, active)]
-        self.cache.drop(drop)
-        self.fed = [f - (d if a else 0) for f, d, a in zip(self.fed, drop, active)]
+        kept_fed = [min(k, f) for k, f in zip(kept, self.fed_drafts)]
+        self.cache.drop([self.added - (self.width + kf) if a else self.added
+                         for kf, a in zip(kept_fed, active)])
+        self.fed = [f + (p + kf if a else 0) for f, p, kf, a in zip(self.fed, self.pending, kept_fed, active)]
+        self.added = 0  # a step without drafts (k = 0) commits nothing
 
 
 # -- the decoding loop -----------------------------------------------------------------------------
@@ -364,7 +402,7 @@ class Stats:
     accepted: int = 0
     target_calls: int = 0
     draft_calls: int = 0
-    steps: list[int] = field(default_factory=list)  # draft length per step
+    steps: list[float] = field(default_factory=list)  # mean draft length of the rows that drafted, per step
 
     def as_dict(self) -> dict[str, Any]:
         return {"method": self.method, "proposed": self.proposed, "accepted": self.accepted,
@@ -433,7 +471,7 @@ def stream_speculative(engine: Engine, req: Request, opts: PromptLookup | Draft)
     for i in range(B):
         add(i, [int(first[i])])
     drafter.start(rows)
-    k = opts.num_tokens
+    policy = _Policy(opts)
     while True:
         ready_now = ready()
         done = all(finished[i] or len(new[i]) >= n_new for i in range(B))
@@ -447,16 +485,20 @@ def stream_speculative(engine: Engine, req: Request, opts: PromptLookup | Draft)
         active = [not finished[i] and len(new[i]) < n_new for i in range(B)]
         # the target's check appends k + 1 columns; never more than the rows still need
         need = max(n_new - len(new[i]) for i in range(B) if active[i])
-        k_now = min(k, need - 1)
+        k_now = min(policy.k(), need - 1)
         if target.room() < k_now + 1:
             target.compact()
         k_now = max(0, min(k_now, target.room() - 1))
         drafts: list[list[int]] = [[] for _ in range(B)]
         q = None
+        t0 = time.perf_counter()
+        calls0 = drafter.cache.calls if isinstance(drafter, _ModelDrafter) else 0
         if k_now > 0:
             drafts, q = drafter.propose(rows, active, k_now, req)
             if isinstance(drafter, _ModelDrafter):
                 stats.draft_calls = drafter.cache.calls
+        t_draft = time.perf_counter() - t0
+        draft_calls = (drafter.cache.calls - calls0) if isinstance(drafter, _ModelDrafter) else 0
         proposed = [len(d) for d in drafts]
         width = max(proposed) + 1
         ids = torch.zeros(B, width, dtype=torch.int64)
@@ -466,7 +508,9 @@ def stream_speculative(engine: Engine, req: Request, opts: PromptLookup | Draft)
                 toks = [rows[i][-1], *drafts[i]]
                 ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.int64)
                 feed_mask[i, : len(toks)] = 1
+        t0 = time.perf_counter()
         logits = target.forward(ids, feed_mask)  # [B, width, V]
+        t_target = time.perf_counter() - t0
         stats.target_calls += 1
         kept = [0] * B
         for i in range(B):
@@ -485,17 +529,69 @@ def stream_speculative(engine: Engine, req: Request, opts: PromptLookup | Draft)
             add(i, tokens)
         stats.proposed += sum(p for p, a in zip(proposed, active) if a)
         stats.accepted += sum(kept)
-        if k_now > 0:
-            stats.steps.append(k_now)
+        live_rows = [p for p, a in zip(proposed, active) if a and p]
+        if live_rows:
+            stats.steps.append(sum(live_rows) / len(live_rows))
         # roll back: row i keeps [last, d1..d_a]; the columns after them go
         target.drop([width - (kept[i] + 1) if active[i] else width for i in range(B)])
         drafter.commit(kept, proposed, active)
         live = [i for i in range(B) if active[i] and proposed[i]]
-        if opts.adaptive and live:
-            if all(kept[i] == proposed[i] for i in live):
-                k = min(k + 2, opts.max_tokens)
-            else:
-                k = max(1, k - 1)
+        policy.observe([proposed[i] for i in live], [kept[i] for i in live], t_target,
+                       t_draft, draft_calls, rounds_drafted=bool(live))
+
+
+class _Policy:
+    """The draft length of the next step.
+
+    Like Hugging Face's heuristic it lengthens drafts that keep being accepted and shortens ones
+    that do not, but on the measured economics of this machine: ``alpha``, the chance that a
+    draft token is accepted once the ones before it were (counts decayed per step, so it follows
+    the text), the target's call time and the drafter's time per drafted token. The next length
+    ``k`` maximizes the expected tokens per second of a step, ``(1 - alpha^(k+1)) / (1 - alpha)``
+    tokens for ``t_target + k * t_draft``; when no length beats a plain step (``1 / t_target``)
+    the step is plain, and every 8th such step probes one draft token so that the estimate can
+    recover. ``adaptive=False`` keeps ``num_tokens``."""
+
+    DECAY = 0.9
+
+    def __init__(self, opts: PromptLookup | Draft):
+        self.opts = opts
+        self.tried, self.accepted = 2.0, 1.0  # a prior of alpha = 0.5, worth two draft tokens
+        self.t_target: float | None = None
+        self.t_draft = 0.0  # seconds per drafted token
+        self.plain_steps = 0
+        self.last = opts.num_tokens
+
+    def k(self) -> int:
+        if not self.opts.adaptive or self.t_target is None:
+            return self.opts.num_tokens
+        alpha = min(self.accepted / self.tried, 0.98)
+        best_k, best_rate = 0, 1.0 / self.t_target
+        gain = 1.0
+        for k in range(1, self.opts.max_tokens + 1):
+            gain += alpha ** k  # expected tokens of a step: 1 + alpha + ... + alpha^k
+            rate = gain / (self.t_target + k * self.t_draft)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        if best_k == 0:
+            self.plain_steps += 1
+            if self.plain_steps % 8 == 0:
+                best_k = 1
+        self.last = best_k
+        return best_k
+
+    def observe(self, proposed: list[int], kept: list[int], t_target: float, t_draft: float, draft_calls: int,
+                rounds_drafted: bool) -> None:
+        self.t_target = t_target if self.t_target is None else 0.8 * self.t_target + 0.2 * t_target
+        if not rounds_drafted:
+            return
+        drafted = max(proposed)
+        per_token = t_draft / drafted if drafted else 0.0
+        self.t_draft = per_token if not self.t_draft else 0.8 * self.t_draft + 0.2 * per_token
+        # per row: the accepted tokens were tried and kept; the first rejected one was tried
+        tried = sum(min(p, k + 1) for p, k in zip(proposed, kept))
+        self.tried = self.DECAY * self.tried + tried
+        self.accepted = self.DECAY * self.accepted + sum(kept)
 
 
 def _rejection_sample(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, req: Request

@@ -56,6 +56,13 @@ def _batch(vocab: int, seed: int, repeat: bool = True):
     return ids, mask
 
 
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """The sample Llama (GQA) and its kv-cache artifact, compiled once for the tests below."""
+    model, ex, dyn = load_factory(f"{MODELS}/hf_llama.py:build", attn_implementation="sdpa")
+    return model, ex, dyn, _compile(tmp_path_factory.mktemp("spec"), "t", model, ex, dyn, "kv-cache")
+
+
 FAMILIES = [
     ("hf_llama", {"attn_implementation": "sdpa"}, "kv-cache"),                             # RoPE, GQA
     ("hf_llama", {"attn_implementation": "sdpa"}, "kv-cache(static=true,max_len=64)"),
@@ -87,11 +94,10 @@ def test_greedy_tokens_equal_plain_generate(tmp_path, name, kw, cache):
     assert torch.equal(target.generate(single, 12, speculative=draft), target.generate(single, 12))
 
 
-def test_lookup_drafts_are_accepted_on_repeated_text(tmp_path):
+def test_lookup_drafts_are_accepted_on_repeated_text(llama):
     """On a prompt that repeats, a greedy target continues the repetition often enough that
     prompt lookup's drafts are accepted and the target runs fewer calls than tokens."""
-    model, ex, dyn = load_factory(f"{MODELS}/hf_llama.py:build", attn_implementation="sdpa")
-    target = _compile(tmp_path, "t", model, ex, dyn, "kv-cache")
+    _, ex, _, target = llama
     ref = target.generate(ex["input_ids"][:1], 40)
     prompt = torch.cat([ref, ref[:, :20]], 1)  # the text so far, then its start again
     got = target.generate(prompt, 20, speculative="prompt-lookup")
@@ -99,9 +105,8 @@ def test_lookup_drafts_are_accepted_on_repeated_text(tmp_path):
     assert got.speculation["accepted"] >= 10 and got.speculation["target_calls"] <= 12, got.speculation
 
 
-def test_stream_yields_every_token_once(tmp_path):
-    model, ex, dyn = load_factory(f"{MODELS}/hf_llama.py:build", attn_implementation="sdpa")
-    target = _compile(tmp_path, "t", model, ex, dyn, "kv-cache")
+def test_stream_yields_every_token_once(llama):
+    target = llama[3]
     ids, mask = _batch(256, seed=2)
     steps = list(target.stream(ids, 9, attention_mask=mask, speculative=target))
     assert [s.shape[1] for s in steps] == list(range(11, 20))
@@ -109,11 +114,10 @@ def test_stream_yields_every_token_once(tmp_path):
     assert torch.equal(steps[-1], target.generate(ids, 9, attention_mask=mask))
 
 
-def test_eos_ends_rows_as_plain_generate_does(tmp_path):
+def test_eos_ends_rows_as_plain_generate_does(llama):
     """A row that produces eos is padded with it; decoding ends when every row did, at the same
     length and with the same stop reasons as plain generate."""
-    model, ex, dyn = load_factory(f"{MODELS}/hf_llama.py:build", attn_implementation="sdpa")
-    target = _compile(tmp_path, "t", model, ex, dyn, "kv-cache")
+    target = llama[3]
     ids, mask = _batch(256, seed=9)
     ref = target.generate(ids, 24, attention_mask=mask)
     eos = [int(ref[0, 13]), int(ref[2, 15])]  # tokens rows 0 and 2 produce early on
@@ -170,9 +174,8 @@ def test_sampling_is_distributed_as_the_target(tmp_path):
             assert p > 1e-3, f"{spec!r}: position {pos + 1} tokens differ from plain sampling (chi-square p={p:.2g})"
 
 
-def test_refusals(tmp_path):
-    model, ex, dyn = load_factory(f"{MODELS}/hf_llama.py:build", attn_implementation="sdpa")
-    target = _compile(tmp_path, "t", model, ex, dyn, "kv-cache")
+def test_refusals(tmp_path, llama):
+    model, ex, dyn, target = llama
     ids = ex["input_ids"][:1]
     other, ex2, dyn2 = load_factory(f"{MODELS}/hf_llama.py:build", attn_implementation="sdpa", vocab_size=128)
     small_vocab = _compile(tmp_path, "v", other, ex2, dyn2, "kv-cache")
@@ -248,3 +251,25 @@ def test_cli_generate_speculative_and_a_draft_cut_from_the_checkpoint(tmp_path, 
     assert "--draft-tokens needs --speculative" in capsys.readouterr().err
     assert main(["compile", str(SHAKESPEARE), "--layers", "9", "--out", str(tmp_path / "x"), "-q"]) == 2
     assert "has 4 decoder layers" in capsys.readouterr().err
+
+
+def test_any_schedule_of_draft_lengths_is_lossless(llama, monkeypatch):
+    """The draft length changes per step with the machine's timings; whatever the schedule
+    (plain steps without drafts between drafting ones included), the tokens are plain generate's
+    and the drafter's cache stays in step with the target's: the target as its own draft has
+    every draft accepted (a draft cache rolled back wrongly proposes other tokens)."""
+    import itertools
+
+    import graphopt.speculative as spec
+
+    target = llama[3]
+    ids, mask = _batch(256, seed=21)
+    ref = target.generate(ids, 40, attention_mask=mask)
+    for schedule in ([2, 0, 0, 3, 0, 1, 5], [0, 0, 1], [7]):
+        for opts in (Draft(target), PromptLookup()):
+            lengths = itertools.cycle(schedule)
+            monkeypatch.setattr(spec._Policy, "k", lambda self, lengths=lengths: next(lengths))
+            out = target.generate(ids, 40, attention_mask=mask, speculative=opts)
+            assert torch.equal(out, ref), schedule
+            if isinstance(opts, Draft):
+                assert out.speculation["acceptance_rate"] == 1.0, (schedule, out.speculation)
