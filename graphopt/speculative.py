@@ -549,8 +549,9 @@ class _Policy:
     the text), the target's call time and the drafter's time per drafted token. The next length
     ``k`` maximizes the expected tokens per second of a step, ``(1 - alpha^(k+1)) / (1 - alpha)``
     tokens for ``t_target + k * t_draft``; when no length beats a plain step (``1 / t_target``)
-    the step is plain, and every 8th such step probes one draft token so that the estimate can
-    recover. ``adaptive=False`` keeps ``num_tokens``."""
+    by 5 % the step is plain, and one draft token is probed after 8 plain steps (16, 32, ...
+    while probes keep failing) so that the estimate can recover. ``adaptive=False`` keeps
+    ``num_tokens``."""
 
     DECAY = 0.9
 
@@ -559,14 +560,15 @@ class _Policy:
         self.tried, self.accepted = 2.0, 1.0  # a prior of alpha = 0.5, worth two draft tokens
         self.t_target: float | None = None
         self.t_draft = 0.0  # seconds per drafted token
-        self.plain_steps = 0
+        self.plain_steps = 0  # plain steps since the last drafting one
+        self.probe_every = 8  # doubles while probes fail
         self.last = opts.num_tokens
 
     def k(self) -> int:
         if not self.opts.adaptive or self.t_target is None:
             return self.opts.num_tokens
         alpha = min(self.accepted / self.tried, 0.98)
-        best_k, best_rate = 0, 1.0 / self.t_target
+        best_k, best_rate = 0, 1.05 / self.t_target  # drafting must win by 5 % (the loop's own costs)
         gain = 1.0
         for k in range(1, self.opts.max_tokens + 1):
             gain += alpha ** k  # expected tokens of a step: 1 + alpha + ... + alpha^k
@@ -575,7 +577,7 @@ class _Policy:
                 best_k, best_rate = k, rate
         if best_k == 0:
             self.plain_steps += 1
-            if self.plain_steps % 8 == 0:
+            if self.plain_steps >= self.probe_every:
                 best_k = 1
         self.last = best_k
         return best_k
@@ -585,6 +587,9 @@ class _Policy:
         self.t_target = t_target if self.t_target is None else 0.8 * self.t_target + 0.2 * t_target
         if not rounds_drafted:
             return
+        if self.plain_steps >= self.probe_every:  # that was a probe: back off while probes fail
+            self.probe_every = 8 if sum(kept) else min(2 * self.probe_every, 256)
+        self.plain_steps = 0
         drafted = max(proposed)
         per_token = t_draft / drafted if drafted else 0.0
         self.t_draft = per_token if not self.t_draft else 0.8 * self.t_draft + 0.2 * per_token

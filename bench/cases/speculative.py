@@ -130,7 +130,7 @@ def _hf(name: str, model: Any, prompt: torch.Tensor, n: int, kind: str, **kw: An
     def call() -> torch.Tensor:
         with torch.inference_mode():
             return model.generate(prompt, attention_mask=mask, generation_config=cfg, max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, **kw)
+                                  min_new_tokens=n, do_sample=False, use_cache=True, **kw)
 
     return System(name, call, kind=kind, extract=lambda out: out[0, prompt.shape[1]:].tolist())
 
