@@ -168,6 +168,12 @@ HEAVY = {
     "tests/backends/test_onnx_backend.py::test_gpt2_tiny",
     # concurrent generation: test_8_threads_x_100_direct_calls_identical_to_single_thread stays
     "tests/test_production_loading.py::test_concurrent_generation_matches_sequential",
+    # the serve bench end to end: tests/serving covers the server under concurrent load, test_bench
+    # the harness (as for the other bench cases above)
+    "tests/test_bench.py::test_serve_case_quick_on_the_trained_decoder",
+    "tests/test_bench.py::test_speculative_case_quick_on_the_trained_decoder",
+    # speculative decoding on GPT-2: nanoGPT's learned positions and the Llama's stay
+    "tests/test_speculative.py::test_greedy_tokens_equal_plain_generate[gpt2]",
 }
 
 

@@ -314,3 +314,17 @@ def test_serve_case_quick_on_the_trained_decoder(tmp_path):
         assert row["failed"] == 0 and row["tokens"] > 0 and row["tokens_per_s"] > 0, row
         assert row["ttft_p50_s"] > 0 and row["itl_p50_s"] > 0
     assert any("clients:" in n for n in data["notes"])
+
+
+def test_speculative_case_quick_on_the_trained_decoder(tmp_path):
+    """The speculative case end to end on the trained decoder: every system built and timed,
+    graphopt's speculation gives the baseline's tokens, acceptance recorded."""
+    proc = run_bench("--cases", "speculative", "--quick", "--set", "speculative.prompts=open", "--out", str(tmp_path),
+                     timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = check_files(tmp_path, "speculative")
+    systems = {s["name"]: s for s in data["systems"]}
+    assert all(s["status"] == "ok" for s in systems.values()), [(s["name"], s["note"]) for s in data["systems"]]
+    spec = [s for n, s in systems.items() if n.startswith("graphopt ") and "plain" not in n]
+    assert len(spec) >= 2 and all(s["quality"]["token_agreement"] == 1.0 for s in spec)
+    assert all("acceptance" in s["info"] for s in spec)

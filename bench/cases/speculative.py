@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from bench.cases import Case
-from bench.cases.decode import TINY_LLAMA, agreement
+from bench.cases.decode import TINY_LLAMA, _summary, agreement
 from bench.harness import BASELINE, GRAPHOPT, PEER, BenchContext, Candidate, CaseResult, System, run_latency
 from bench.systems import load_engine
 
@@ -204,13 +204,6 @@ def run(ctx: BenchContext, p: Params) -> CaseResult:
         for e in engines.values():
             e.close()
     return result
-
-
-def _summary(xs: list[float]) -> dict[str, float]:
-    from bench.harness import summarize
-
-    s = summarize(xs)
-    return {"median": s["median"], "p10": s["p10"], "p90": s["p90"]}
 
 
 CASE = Case(
