@@ -354,20 +354,30 @@ def test_runner_context_pool_never_shares_a_profile_copy():
     runner._new_stream = lambda: SimpleNamespace(cuda_stream=0)
     held, peak, seen, lock = set(), [0], set(), threading.Lock()
 
+    first = [0]
+
     def call(profile):
         item = runner._acquire(profile)
-        with lock:
-            assert item[0].physical not in held       # never two calls on one profile copy
-            assert item[0].physical % 2 == profile    # a copy of the profile the shapes fit
-            held.add(item[0].physical)
-            seen.add(item[0].physical)
-            peak[0] = max(peak[0], len(held))
-        # hold it until four calls hold copies at once (two per profile, all the pool has), so
-        # every copy is used whatever the scheduling (a short sleep was flaky on a loaded machine)
-        rendezvous.wait()
-        with lock:
-            held.discard(item[0].physical)
-        runner._release(profile, item)
+        try:
+            with lock:
+                assert item[0].physical not in held       # never two calls on one profile copy
+                assert item[0].physical % 2 == profile    # a copy of the profile the shapes fit
+                held.add(item[0].physical)
+                seen.add(item[0].physical)
+                peak[0] = max(peak[0], len(held))
+                first[0] += 1
+                wait = first[0] <= 4
+            # the first four calls hold their copies until all four are held: nothing is released
+            # before, so they are two per profile, every copy the pool has, whatever the scheduling
+            # (a short sleep was flaky on a loaded machine). Later calls do not wait: a barrier for
+            # every call deadlocked when the last calls left were of one profile, which has only
+            # two copies
+            if wait:
+                rendezvous.wait()
+            with lock:
+                held.discard(item[0].physical)
+        finally:
+            runner._release(profile, item)
 
     rendezvous = threading.Barrier(4, timeout=30)
     threads = [threading.Thread(target=call, args=(i % 2,)) for i in range(40)]
