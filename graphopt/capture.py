@@ -332,9 +332,10 @@ def _capture(module, args, kwargs, names, values, user_values, widened, dims, ra
     gm = None
     how = None
     reference: Any = _NOT_RUN
+    repeat_note = None
     if method in ("auto", "export"):
         try:
-            gm, reference = _export(module, args, kwargs, names, dims)
+            gm, reference, repeat_note = _export_layers_once(module, args, kwargs, names, dims)
             how = "torch.export"
         except CaptureError:
             raise
@@ -360,6 +361,7 @@ def _capture(module, args, kwargs, names, values, user_values, widened, dims, ra
         reference = _run_eagerly(module, args, kwargs)
 
     leaves, out_structure = flatten(reference, is_leaf=lambda x: isinstance(x, torch.Tensor))
+    ran = all(isinstance(t, torch.Tensor) and not _is_fake(t) for t in leaves)
     gm = _normalize_outputs(gm, len(leaves))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(names):
@@ -371,6 +373,10 @@ def _capture(module, args, kwargs, names, values, user_values, widened, dims, ra
     ir = GraphIR(gm, [], [], call_convention="keyword" if kwargs else "positional",
                  out_structure=out_structure, example_inputs=[v.detach() for v in values],
                  meta={"capture": how, "model_class": f"{type(module).__module__}.{type(module).__qualname__}"})
+    if how == "torch.export" and repeat_note:
+        ir.meta.setdefault("capture_notes", []).append(repeat_note)
+    if ran:
+        ir.captured_outputs = [t.detach() for t in leaves]
     if widened:
         # the user's own example is verified too (compile adds it to the verification inputs)
         ir.meta["capture_widened"] = widened
@@ -401,6 +407,12 @@ def _capture(module, args, kwargs, names, values, user_values, widened, dims, ra
 _NOT_RUN = object()
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
 def _shape_facts(env) -> list[int]:
     """How many guards and runtime assertions a shape environment holds (a pass whose
     propagation specialises or constrains a dim adds one)."""
@@ -415,6 +427,17 @@ def _run_eagerly(module, args, kwargs) -> Any:
         except Exception as e:
             raise CaptureError(f"the model raised on its example inputs: {type(e).__name__}: {e}. "
                                "Check the inputs' names, shapes and dtypes against the model's forward().") from e
+
+
+def _export_layers_once(module, args, kwargs, names, dims) -> tuple[torch.fx.GraphModule, Any, str | None]:
+    """:func:`_export`, through :func:`graphopt.capture_layers.export_repeated` when the model
+    is a stack of identical layers (its layers traced once, not N times); the note says how."""
+    from graphopt.capture_layers import export_repeated
+
+    done = export_repeated(module, args, kwargs, lambda: _export(module, args, kwargs, names, dims))
+    if done is not None:
+        return done
+    return (*_export(module, args, kwargs, names, dims), None)
 
 
 def _export(module, args, kwargs, names, dims) -> tuple[torch.fx.GraphModule, Any]:
