@@ -9,7 +9,7 @@ placeholders carry FakeTensors from export, concretely on the example inputs oth
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -58,6 +58,9 @@ class _IncrementalFakeTensorProp(FakeTensorProp):
         self.rewired = rewired or {}
         self.changed: set[str] = set()
         self.recomputed = 0
+        #: results by :meth:`_memo_key`: a repeated layer's nodes are computed once per propagation
+        self.memo: dict[Any, tuple] = {}
+        self.reused = 0
 
     def _stale(self, n, old) -> bool:
         if id(n) in self.dirty or n.op in ("placeholder", "output", "get_attr") or not _reusable(old, self._mode):
@@ -76,10 +79,54 @@ class _IncrementalFakeTensorProp(FakeTensorProp):
         if not self._stale(n, old):
             return old
         self.recomputed += 1
-        out = super().run_node(n)
+        key, held = self._memo_key(n)
+        hit = self.memo.get(key) if key is not None else None
+        if hit is not None:
+            out, n.meta["val"] = hit[0], hit[1]
+            self.reused += 1
+        else:
+            out = super().run_node(n)
+            if key is not None and "unbacked_bindings" not in n.meta:
+                self.memo[key] = (out, n.meta.get("val"), held)
         if not _same_meta(old, n.meta.get("val")):
             self.changed.add(n.name)
         return out
+
+    def _memo_key(self, n) -> tuple[Any, list]:
+        """A key under which ``n``'s result equals that of an earlier node of this propagation:
+        the op, its constant arguments, and its inputs' values: the same fake tensor objects (the
+        layers capture repeated share them, and so do the nodes a pass made the same way in each
+        layer), real tensors (weights) by metadata. ``(None, [])`` for what is not memoized:
+        mutating ops, anything with an argument it cannot key. ``held`` keeps the keyed objects
+        alive so that their ids are not reused during the propagation."""
+        target = n.target
+        if n.op != "call_function" or (isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable):
+            return None, []
+        held: list = []
+
+        def enc(a: Any) -> Any:
+            if isinstance(a, torch.fx.Node):
+                a = self.env[a]
+                if isinstance(a, torch.Tensor) and getattr(a, "fake_mode", None) is None:  # a weight
+                    return ("r", tuple(a.shape), a.stride(), a.dtype, a.device.type, a.requires_grad)
+            if isinstance(a, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)):
+                held.append(a)
+                return ("v", id(a))
+            if isinstance(a, (list, tuple)):
+                return (type(a).__name__, tuple(enc(x) for x in a))
+            if isinstance(a, dict):
+                return ("d", tuple((k, enc(v)) for k, v in a.items()))
+            if a is None or isinstance(a, (bool, int, float, str, torch.dtype, torch.device, torch.layout,
+                                           torch.memory_format)):
+                return (type(a).__name__, a)
+            raise TypeError(type(a).__name__)
+
+        try:
+            key = (target, enc(n.args), enc(n.kwargs))
+            hash(key)
+        except TypeError:
+            return None, []
+        return key, held
 
 
 def _reusable(val, mode) -> bool:
@@ -127,7 +174,8 @@ def propagate_shapes(ir: GraphIR, dirty: set | None = None, rewired: dict[int, l
                         return len(ir.graph.nodes)
                     prop = _IncrementalFakeTensorProp(ir.graph_module, fake_mode, set(dirty), rewired)
                     prop.propagate_dont_convert_inputs(*vals)
-                log.debug("shape propagation: %d of %d nodes recomputed", prop.recomputed, len(ir.graph.nodes))
+                log.debug("shape propagation: %d of %d nodes recomputed (%d from an identical node)",
+                          prop.recomputed, len(ir.graph.nodes), prop.reused)
                 return prop.recomputed
             finally:
                 fake_mode.allow_non_fake_inputs = prev
