@@ -644,5 +644,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def run() -> None:
+    """The ``graphopt`` command: :func:`main`, then the exit handlers (``atexit``: log handlers,
+    temporary files), then exit without the interpreter's teardown, which frees every object one
+    by one: 1.8 s after a 0.5B model's compile, for a process that is ending anyway. An exception
+    out of ``main`` (argparse's exit on a usage error included) exits the ordinary way."""
+    code = main()
+    try:
+        import atexit
+
+        atexit._run_exitfuncs()  # noqa: SLF001 - what interpreter exit runs; os._exit skips it
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can be said
+                pass
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -273,11 +273,13 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
             raise InputError("a captured GraphIR carries its example inputs and dynamic dims: pass neither "
                              f"example_inputs nor dynamic with it{hint}")
         ir = model
+        captured_outputs = None  # a graph given as it is may have been rewritten since its capture
     else:
         dynamic, notes = plan_dynamic(model, example_inputs, dynamic, passes)
         with tracker.phase("capture"):
             ir = capture(model, example_inputs, dynamic)
         ir.meta.setdefault("capture_notes", []).extend(notes)
+        captured_outputs = ir.captured_outputs  # the model's outputs on the examples (None when not run)
     if out is None:
         out = Path("build") / ir.meta.get("model_class", "model").rsplit(".", 1)[-1].lower()
     out = Path(out)
@@ -300,8 +302,10 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
         rep.data["lowering"] = low
         manifest = _manifest(optimized, original, target, lowered, rep, model_spec)
         write_phase = tracker.start("write")
-        _save_examples(w.dir, optimized if (optimized.meta.get("lowering_check") or {}).get("against") == "optimized"
-                       else original, (optimized.meta.get("padding_removed") or {}).get("mask"))
+        against_optimized = (optimized.meta.get("lowering_check") or {}).get("against") == "optimized"
+        _save_examples(w.dir, optimized if against_optimized else original,
+                       (optimized.meta.get("padding_removed") or {}).get("mask"),
+                       outputs=None if against_optimized else captured_outputs)
         _save_pass_files(w.dir, optimized, manifest)
         from graphopt.memory import PhaseRecord
 
@@ -617,7 +621,8 @@ def _probe_minimum_sizes(runner, check: LoweringCheck, manifest: dict) -> list[s
     return narrowed
 
 
-def _save_examples(d: Path, original: GraphIR, padding_mask: str | None = None) -> None:
+def _save_examples(d: Path, original: GraphIR, padding_mask: str | None = None,
+                   outputs: list | None = None) -> None:
     """Example inputs and the ORIGINAL model's outputs on them: `graphopt run DIR` replays them.
     (After a lossy pass that declared it, e.g. pruning: the optimized graph's outputs. After
     remove-padding: with the padded positions zeroed, as the artifact computes them.)
@@ -640,7 +645,9 @@ def _save_examples(d: Path, original: GraphIR, padding_mask: str | None = None) 
         return out
 
     np.savez(d / "example_inputs.npz", **arrays(original.inputs, original.example_inputs))
-    outs = original.run()
+    # ``outputs``: the model's own on these inputs, computed at capture (a 0.5B model's forward
+    # is a second on a CPU); else the original graph is run
+    outs = list(outputs) if outputs is not None and len(outputs) == len(original.outputs) else original.run()
     if padding_mask:
         from graphopt.verify.policies import zero_padding
 

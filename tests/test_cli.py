@@ -79,6 +79,23 @@ def test_console_script_demo_and_exit_codes(tmp_path):
     assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_console_entry_runs_exit_handlers_and_keeps_the_exit_code(tmp_path):
+    """``graphopt`` (cli.run) exits without the interpreter's teardown, after the atexit handlers
+    (temporary files, log handlers) and with main's exit code and everything printed."""
+    marker = tmp_path / "atexit-ran"
+    code = ("import atexit, pathlib, sys\n"
+            f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+            "from graphopt import cli\n"
+            "sys.argv = ['graphopt'] + sys.argv[1:]\n"
+            "cli.run()\n")
+    p = subprocess.run([sys.executable, "-c", code, "passes"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "kv-cache" in p.stdout and marker.read_text() == "yes"
+    p = subprocess.run([sys.executable, "-c", code, "inspect", str(tmp_path / "none")], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "does not exist" in p.stderr, p.stderr
+
+
 def test_run_with_inputs_and_output(capsys, tmp_path, nanogpt_artifact):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "x.npz", idx=rng.integers(0, 65, size=(3, 20)).astype(np.int64))

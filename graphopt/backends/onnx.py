@@ -550,8 +550,9 @@ def to_onnx(ep: Any, ir: GraphIR, opset: int, staging: Path | None = None, optim
         # the weights go to their final file name, 4 KiB-aligned: when the passes after this leave
         # them as they are, write_with_external_data moves the file instead of copying it
         _write_transposed_in_rows(program.model)
+        # two writers: one transposes a weight (torch, GIL released) while the other writes one
         onnx_ir.save(program.model, str(staging / "export.onnx"), external_data=DATA_FILE, alignment=4096,
-                     max_in_flight_bytes=256 << 20)
+                     max_in_flight_bytes=256 << 20, max_workers=2)
         return onnx.load(str(staging / "export.onnx"), load_external_data=False)
     finally:
         _drop_torch_weights(program)

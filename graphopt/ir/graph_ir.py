@@ -114,6 +114,10 @@ class GraphIR:
         #: the user's own example inputs when capture widened a size-1 dynamic dim (they are
         #: verified too); ``None`` otherwise
         self.user_example_inputs: list[torch.Tensor] | None = None
+        #: the model's own outputs on ``example_inputs`` (flat, in output order) when capture ran
+        #: it eagerly, else ``None``; set by capture and not carried by :meth:`copy` (a copy may be
+        #: rewritten): ``compile`` saves them as the artifact's expected outputs
+        self.captured_outputs: list[torch.Tensor] | None = None
 
     # -- views ---------------------------------------------------------------------------
     @property
