@@ -314,6 +314,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"    aliases: {', '.join(i.aliases)}")
         if i.backends:
             print(f"    backends: {', '.join(i.backends)}")
+        if i.onnx_translations:
+            print(f"    onnx translations: {', '.join(i.onnx_translations)}")
         if i.error:
             print(f"    error: {i.error}")
     return EXIT_OK

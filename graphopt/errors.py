@@ -89,3 +89,9 @@ class RuntimeFailure(GraphoptError, RuntimeError):
 class ResourceError(GraphoptError, MemoryError):
     """A compile would need more memory than the machine has: refused before it starts (never
     killed by the kernel half-way), with the estimate and the ways to need less."""
+
+
+def first_line(text: str) -> str:
+    """The first non-blank line of an error message, stripped (``""`` for none): what a typed
+    error quotes from a library's multi-line message."""
+    return next((ln.strip() for ln in str(text).strip().splitlines() if ln.strip()), "")

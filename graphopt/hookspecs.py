@@ -44,6 +44,19 @@ def graphopt_register_backends(register: Any) -> None:
 
 
 @hookspec
+def graphopt_register_onnx_translations(register: Any) -> None:
+    """Register how the onnx target lowers the custom ops this plugin's passes insert:
+    ``register(op, function, min_opset=18)``, ``op`` a torch op overload
+    (``torch.ops.mylib.my_op.default``), ``function`` an onnxscript function building its ONNX
+    graph (``torch.onnx.export``'s ``custom_translation_table`` contract). An op may have several
+    translations; the one with the highest ``min_opset`` not above the export opset is used.
+
+    Called once per plugin when plugins load; the translations belong to the plugin: listed by
+    ``graphopt plugins`` and removed with it (``PluginManager.unregister_plugin``).
+    """
+
+
+@hookspec
 def graphopt_before_pass(pass_: Pass, ir: GraphIR, ctx: PassContext) -> None:
     """Called before each pass runs (instruments: timing, the bisect limit).
 

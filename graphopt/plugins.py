@@ -33,14 +33,6 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "graphopt"
 
-# Used only when graphopt runs from a source tree that was never pip-installed, so the entry
-# points of pyproject.toml do not exist: then the same modules are loaded by name.
-_BUILTIN_FALLBACK = {
-    "graphopt-backends": "graphopt.backends.builtin",
-    "graphopt-instruments": "graphopt.instruments",
-    "graphopt-cleanup": "graphopt_cleanup",
-}
-
 
 @dataclass
 class PluginInfo:
@@ -51,6 +43,7 @@ class PluginInfo:
     passes: list[str] = field(default_factory=list)
     aliases: list[str] = field(default_factory=list)
     backends: list[str] = field(default_factory=list)
+    onnx_translations: list[str] = field(default_factory=list)
     error: str | None = None
     blocked: bool = False
 
@@ -91,6 +84,24 @@ class _BackendRegistrar:
         return cls
 
 
+class _TranslationRegistrar:
+    """The ``register`` callback of ``graphopt_register_onnx_translations``."""
+
+    def __init__(self, manager: PluginManager, plugin: str):
+        self._m, self._plugin = manager, plugin
+
+    def __call__(self, op: Any, function: Any, *, min_opset: int = 18) -> None:
+        if not callable(function):
+            raise PluginError(f"plugin {self._plugin!r} registered an ONNX translation of {op} that is not a function")
+        entries = [e for e in self._m.onnx_translations.get(op, [])
+                   if not (e[0] == int(min_opset) and e[2] == self._plugin)]
+        entries.append((int(min_opset), function, self._plugin))
+        self._m.onnx_translations[op] = sorted(entries, key=lambda e: e[0])
+        label = f"{op} (opset {int(min_opset)}+)"
+        if label not in self._m.plugins[self._plugin].onnx_translations:
+            self._m.plugins[self._plugin].onnx_translations.append(label)
+
+
 class PluginManager:
     """Owns the pluggy manager plus the pass and backend tables built from the plugins."""
 
@@ -100,6 +111,8 @@ class PluginManager:
         self.plugins: dict[str, PluginInfo] = {}
         self.passes = PassRegistry()
         self.backends: dict[str, tuple[type, str]] = {}
+        #: op overload → [(lowest opset, onnxscript function, plugin)], sorted by opset
+        self.onnx_translations: dict[Any, list[tuple[int, Any, str]]] = {}
         self.strict = os.environ.get("GRAPHOPT_STRICT_PLUGINS", "") not in ("", "0", "false")
         self.disabled = {x.strip() for x in os.environ.get("GRAPHOPT_DISABLE_PLUGINS", "").split(",") if x.strip()}
 
@@ -116,12 +129,9 @@ class PluginManager:
                 found = True
             source = f"entry point ({dist.metadata['Name']} {dist.version})" if dist else "entry point"
             self._load(ep.name, lambda ep=ep: ep.load(), source, ep.value, dist.version if dist else "")
-        if not found:
-            log.debug("graphopt is not pip-installed; loading built-in plugins by module name")
-            from graphopt import __version__
-            for name, module in _BUILTIN_FALLBACK.items():
-                if name not in self.plugins:
-                    self._load(name, lambda m=module: importlib.import_module(m), "built-in", module, __version__)
+        if not found:  # the built-in plugins are found like any other: through graphopt's entry points
+            log.warning("graphopt's entry points are not installed, so none of its built-in passes and targets "
+                        "are; install it: pip install -e . (make setup) in a source tree")
         for module in [m.strip() for m in os.environ.get("GRAPHOPT_PLUGINS", "").split(",") if m.strip()]:
             self.load_module(module, source="GRAPHOPT_PLUGINS")
         return self
@@ -141,8 +151,14 @@ class PluginManager:
             return
         if self.pm.has_plugin(name):
             self.pm.unregister(name=name)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """Drop what plugin ``name`` registered: passes, aliases, backends, ONNX translations."""
         self.passes.remove_plugin(name)
         self.backends = {k: v for k, v in self.backends.items() if v[1] != name}
+        kept = {op: [e for e in entries if e[2] != name] for op, entries in self.onnx_translations.items()}
+        self.onnx_translations = {op: entries for op, entries in kept.items() if entries}
 
     def _load(self, name: str, loader: Any, source: str, module: str, version: str) -> PluginInfo:
         info = PluginInfo(name=name, source=source, module=module, version=version)
@@ -158,7 +174,8 @@ class PluginManager:
                 info.version = str(getattr(obj, "__version__", ""))
             self.pm.register(obj, name=name)
             for hook_name, reg in (("graphopt_register_passes", _Registrar),
-                                   ("graphopt_register_backends", _BackendRegistrar)):
+                                   ("graphopt_register_backends", _BackendRegistrar),
+                                   ("graphopt_register_onnx_translations", _TranslationRegistrar)):
                 for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                     if impl.plugin_name == name:
                         impl.function(register=reg(self, name))
@@ -167,9 +184,8 @@ class PluginManager:
             log.debug("plugin %s failed:\n%s", name, traceback.format_exc())
             if self.pm.has_plugin(name):
                 self.pm.unregister(name=name)
-            self.passes.remove_plugin(name)
-            self.backends = {k: v for k, v in self.backends.items() if v[1] != name}
-            info.passes, info.aliases, info.backends = [], [], []
+            self._forget(name)
+            info.passes, info.aliases, info.backends, info.onnx_translations = [], [], [], []
             if self.strict:
                 raise PluginError(f"plugin {name!r} ({source}) failed to load: {info.error} "
                                   "(GRAPHOPT_STRICT_PLUGINS is set)") from e

@@ -41,6 +41,17 @@ def load_sample_model(name: str):
     return module
 
 
+def optimize_verified(module, inputs, pipeline: str, dynamic=None):
+    """``graphopt.optimize`` with every pass's verification asserted; returns the original and
+    optimized graphs and the last pass's stats (the pass tests' common first step)."""
+    import graphopt
+
+    original, optimized, report, _ = graphopt.optimize(module.eval(), inputs, pipeline, dynamic=dynamic)
+    for p in report.passes:
+        assert p["verify"]["passed"], (p["name"], p["verify"]["message"])
+    return original, optimized, report.passes[-1]["stats"]
+
+
 def split_inputs(example_inputs):
     """``(args, kwargs)`` from a factory's tuple-or-dict example inputs."""
     if isinstance(example_inputs, dict):

@@ -212,7 +212,7 @@ def test_half_lowering_check_still_catches_a_wrong_artifact(tmp_path, monkeypatc
 
 def test_lowering_policy_follows_the_dtype():
     from graphopt.backends.onnx import OnnxBackend
-    from graphopt.compiler import lowering_policy
+    from graphopt.verify.lowering import lowering_policy
     from graphopt.verify.policies import AllClose, Reference
 
     x = torch.randn(2, 16)

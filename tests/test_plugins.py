@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 
 import pytest
+import torch
 
 import graphopt
 from graphopt.plugins import PluginManager
@@ -105,3 +106,72 @@ def test_duplicate_pass_names_across_plugins_are_reported():
 
     info = pm.register_plugin(_plugin("c", register_other), name="plugin-c")
     assert info.status == "failed" and "already registered by plugin 'plugin-a'" in info.error
+
+
+# -- ONNX translations belong to the plugin that registers them ---------------------------------
+_LIB = torch.library.Library("gotest", "DEF")
+_LIB.define("scale(Tensor x, float s) -> Tensor")
+_LIB.impl("scale", lambda x, s: x * s, "CompositeExplicitAutograd")
+torch.library.register_fake("gotest::scale", lambda x, s: torch.empty_like(x), lib=_LIB)
+
+
+class UseScaleOp(graphopt.Pass):
+    """mul(x, c) -> gotest.scale(x, c), a custom op only its plugin can lower."""
+
+    name = "test-use-scale-op"
+
+    def run(self, ir, ctx):
+        n = 0
+        for node in list(ir.graph.nodes):
+            if node.op == "call_function" and node.target is torch.ops.aten.mul.Tensor \
+                    and isinstance(node.args[1], float):
+                node.target = torch.ops.gotest.scale.default
+                n += 1
+        return graphopt.PassResult(ir, n > 0, {"replaced": n})
+
+
+def _scale_onnx(x, s: float):
+    from onnxscript import opset18 as op
+
+    return op.Mul(x, op.CastLike(op.Constant(value_float=s), x))
+
+
+def _scale_plugin() -> types.ModuleType:
+    mod = types.ModuleType("scale_plugin")
+    mod.graphopt_register_passes = graphopt.hookimpl(lambda register: register(UseScaleOp))
+    mod.graphopt_register_onnx_translations = graphopt.hookimpl(
+        lambda register: register(torch.ops.gotest.scale.default, _scale_onnx, min_opset=18))
+    return mod
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x)) * 2.5
+
+
+def test_a_plugin_lowers_its_custom_op_through_its_hook_and_takes_it_along(tmp_path):
+    from graphopt.backends.onnx import translations
+    from graphopt.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    assert pm.plugins["graphopt-fusion"].onnx_translations  # the built-in ones come through the hook too
+    info = pm.register_plugin(_scale_plugin(), name="scale-plugin")
+    try:
+        assert info.status == "ok", info.error
+        assert info.onnx_translations == ["gotest.scale.default (opset 18+)"]
+        torch.manual_seed(0)
+        model = _Scaled().eval()
+        art = graphopt.compile(model, (torch.randn(3, 8),), pipeline="test-use-scale-op", target="onnx",
+                               dynamic={"x": {0: (1, 16)}}, out=tmp_path / "art")
+        assert art.report["passes"][0]["stats"]["replaced"] == 1
+        engine = graphopt.load(art.path)
+        x = torch.randn(5, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.as_tensor(engine(x)), model(x), rtol=1e-5, atol=1e-5)
+    finally:
+        pm.unregister_plugin("scale-plugin")
+    assert torch.ops.gotest.scale.default not in translations()

@@ -171,13 +171,13 @@ class _Runner:
 
 def _probe(probe_case, runner):
     from graphopt.backends.onnx import OnnxBackend
-    from graphopt.compiler import LoweringCheck, _probe_minimum_sizes
+    from graphopt.verify.lowering import LoweringCheck, probe_minimum_sizes
 
     ir, verifier = probe_case
     manifest = {"inputs": [s.to_json() for s in ir.inputs]}
     check = LoweringCheck(OnnxBackend(), verifier, ir)
     check.policy = graphopt.verify.allclose(1e-5, 1e-5)
-    notes = _probe_minimum_sizes(runner, check, manifest)
+    notes = probe_minimum_sizes(runner, check, manifest)
     return notes, manifest["inputs"][0]["dynamic"]["0"]
 
 

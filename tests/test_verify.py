@@ -554,7 +554,7 @@ def test_the_lowering_check_holds_no_graph(lm_ir):
     """Its references are computed before the runtime session opens, so the compile can drop the
     torch graphs (and the weights only they hold) first."""
     from graphopt.backends.onnx import OnnxBackend
-    from graphopt.compiler import LoweringCheck
+    from graphopt.verify.lowering import LoweringCheck
 
     check = LoweringCheck(OnnxBackend(), Verifier(lm_ir, make_verification_inputs(lm_ir, n_random=1)), lm_ir)
     held = [v for v in vars(check).values() if isinstance(v, (graphopt.GraphIR, torch.nn.Module, Verifier))]
@@ -569,8 +569,8 @@ def test_large_models_compute_one_probe_reference_per_dim(lm_ir):
     dim gets one. A lowered program that refuses that size still has the next size run (the range
     is narrowed), and the note says it was not compared there."""
     from graphopt.backends.onnx import OnnxBackend
-    from graphopt.compiler import LoweringCheck, _probe_minimum_sizes
     from graphopt.errors import InputError
+    from graphopt.verify.lowering import LoweringCheck, probe_minimum_sizes
     from graphopt.verify.verifier import verification_plan
 
     plan = dict(verification_plan(lm_ir), large=True)
@@ -586,7 +586,7 @@ def test_large_models_compute_one_probe_reference_per_dim(lm_ir):
 
     manifest = {"inputs": [{"shape": list(s.shape), "dynamic": {str(d): list(r) for d, r in s.dynamic.items()}}
                            for s in lm_ir.inputs]}
-    narrowed = _probe_minimum_sizes(RefusesBatchOne(), check, manifest)
+    narrowed = probe_minimum_sizes(RefusesBatchOne(), check, manifest)
     assert len(narrowed) == 1 and narrowed[0].startswith("batch >= 2 (the lowered program rejects batch = 1")
     assert "it runs at batch = 2 (outputs not compared there" in narrowed[0]
     assert manifest["inputs"][0]["dynamic"]["0"] == [2, 4]

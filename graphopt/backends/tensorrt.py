@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphopt.backends.base import Backend, Lowered
+from graphopt.backends.tensorrt_check import version_tuple
 from graphopt.errors import ArtifactError, BackendError
 
 if TYPE_CHECKING:
@@ -85,16 +86,6 @@ def import_tensorrt(required: bool = False) -> Any:
         log.warning("%s; ignoring it", msg)
         return None
     return trt
-
-
-def version_tuple(text: str) -> tuple[int, ...]:
-    out = []
-    for part in str(text).split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        if not digits:
-            break
-        out.append(int(digits))
-    return tuple(out) or (0,)
 
 
 def gpu_compute_capability(device: int | str | None = None) -> str | None:

@@ -200,18 +200,32 @@ def load_data() -> dict[str, Any]:
         return json.load(f)
 
 
-def parse_version(text: str) -> tuple[int, ...]:
-    """``"10.15"`` / ``"10.15.1.29"`` / ``"11"`` → ``(10, 15, ...)``; InputError on anything else."""
+def version_tuple(text: str, *, strict: bool = False) -> tuple[int, ...]:
+    """``"10.15"`` / ``"10.15.1.29"`` / ``"11"`` → ``(10, 15, ...)``, the one version parser of the
+    TensorRT code. Lenient (a version a library reports, ``"10.15.1.post1"``, ``"8.9+cuda"``): the
+    leading numeric parts, ``(0,)`` for none. ``strict`` (a version a user wrote): every part a
+    number, else :class:`InputError`."""
     parts = str(text).strip().split(".")
-    try:
-        nums = tuple(int(p) for p in parts)
-    except ValueError:
-        raise InputError(
-            f"TensorRT version {text!r} is not a version number: write it like 10.15 or 11"
-        ) from None
-    if not nums or nums[0] < 0:
-        raise InputError(f"TensorRT version {text!r} is not a version number: write it like 10.15 or 11")
-    return nums
+    if strict:
+        try:
+            nums = tuple(int(p) for p in parts)
+        except ValueError:
+            nums = ()
+        if not nums or nums[0] < 0:
+            raise InputError(f"TensorRT version {text!r} is not a version number: write it like 10.15 or 11")
+        return nums
+    out = []
+    for part in parts:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out) or (0,)
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """A TensorRT version a user wrote (``--target tensorrt=10.15``): :func:`version_tuple` strict."""
+    return version_tuple(text, strict=True)
 
 
 def _vkey(v: tuple[int, ...]) -> tuple[int, int, int, int]:
@@ -586,7 +600,7 @@ def rule_op_support(ctx: _Context) -> list[Finding]:
                         _ref(node, i),
                         f"{node.domain}::{node.op_type} is not an ONNX operator; the TensorRT parser only takes it "
                         f"through a plugin registered under that name",
-                        f"lower it to standard ONNX ops (graphopt.backends.onnx.register_onnx_translation), or "
+                        f"lower it to standard ONNX ops (an ONNX translation from its plugin's graphopt_register_onnx_translations hook), or "
                         f"register a TensorRT plugin named {node.op_type!r} (plugin namespace {node.domain!r})",
                     )
                 )

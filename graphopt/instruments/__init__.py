@@ -61,7 +61,7 @@ def graphopt_before_pass(pass_, ir, ctx):
     if tracker is not None:  # time and memory of the pass with its verification (graphopt.memory)
         ctx.data[_PHASE] = (f"pass:{pass_.name}", tracker.start(f"pass:{pass_.name}"))
     ctx.rewrites = 0
-    ctx.data["_last_rewrites"] = []
+    ctx.pass_rewrites = []
     from graphopt.verify.policies import Equivalence
 
     if ctx.verify and ctx.verifier is not None:
@@ -198,7 +198,7 @@ def _verify(pass_, ir, ctx, rec):
     div = first_divergence(ctx.verifier.original, ir, ctx.verifier.input_sets[0], rtol=max(rtol, 1e-6),
                            atol=max(atol, 1e-6), pass_name=pass_.name)
     vrec["first_divergence"] = div
-    vrec["rewrites"] = list(ctx.data.get("_last_rewrites", []))
+    vrec["rewrites"] = list(ctx.pass_rewrites)
     if ctx.report is not None:
         ctx.report.data["verification"].update(passed=False, failed_pass=pass_.name)
     repro = None

@@ -4,6 +4,7 @@ from graphopt.ir.graph_ir import (
     PROVENANCE,
     GraphIR,
     TensorSpec,
+    copy_graph_module,
     dtype_from_name,
     dtype_name,
     node_dtype,
@@ -11,4 +12,4 @@ from graphopt.ir.graph_ir import (
     op_name,
 )
 
-__all__ = ["PROVENANCE", "GraphIR", "TensorSpec", "dtype_from_name", "dtype_name", "node_dtype", "node_shape", "op_name"]
+__all__ = ["PROVENANCE", "GraphIR", "TensorSpec", "copy_graph_module", "dtype_from_name", "dtype_name", "node_dtype", "node_shape", "op_name"]

@@ -59,9 +59,12 @@ class NoOptions:
 class PassContext:
     """State shared by one pipeline run, handed to every pass and instrument.
 
-    Passes read ``original`` (the captured graph), ``pipeline_text``, ``data`` (a dict passes may
-    use to hand results to later passes, e.g. calibration scales) and call ``should_rewrite`` before
-    each individual rewrite so ``graphopt bisect`` can find the exact rewrite that broke a model.
+    For passes: ``original`` (the captured graph, read-only), ``pipeline_text``, ``verify``,
+    ``verification_inputs``, ``data`` (a dict passes may use to hand results to later passes,
+    e.g. calibration scales), and :meth:`should_rewrite`, called before each individual rewrite so
+    ``graphopt bisect`` can find the exact rewrite that broke a model; what was rewritten is then
+    in ``pass_rewrites``. The other fields are the pass manager's and its instruments' (the
+    position in the pipeline, limits, the verifier, the report): passes leave them alone.
     """
 
     original: GraphIR | None = None
@@ -79,6 +82,9 @@ class PassContext:
     report: Report | None = None
     progress: Any = None
     data: dict[str, Any] = field(default_factory=dict)
+    #: what :meth:`should_rewrite` allowed in the current pass, in order (the report and
+    #: bisection name the rewrite that broke a model); the manager empties it before each pass
+    pass_rewrites: list[str] = field(default_factory=list)
 
     @property
     def current(self) -> Pass | None:
@@ -95,7 +101,7 @@ class PassContext:
             log.debug("rewrite limit %d reached; skipping %s", self.rewrite_limit, what)
             return False
         self.rewrites += 1
-        self.data.setdefault("_last_rewrites", []).append(what)
+        self.pass_rewrites.append(what)
         return True
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from graphopt.backends.base import Runner
-from graphopt.errors import ArtifactError, InputError
+from graphopt.errors import ArtifactError, InputError, first_line
 from graphopt.runtime.arrays import RAW_BITS, as_tensor, is_ml_dtypes_array
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class OnnxRuntimeRunner(Runner):
         except Exception as e:  # onnxruntime raises its own pybind exception types
             raise ArtifactError(
                 f"onnxruntime {ort.__version__} could not load {self.model_path}: "
-                f"{type(e).__name__}: {_first_line(str(e))}. The file is damaged or was built for a newer "
+                f"{type(e).__name__}: {first_line(str(e))}. The file is damaged or was built for a newer "
                 "onnxruntime (IR version / opset); compile it again with this environment") from e
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_types = [i.type for i in self.session.get_inputs()]  # "tensor(float)", ...
@@ -152,7 +152,7 @@ class OnnxRuntimeRunner(Runner):
             outs = session.run(self.output_names, feed)
         except Exception as e:
             if type(e).__name__ == "InvalidArgument":  # wrong dtype, rank or static size
-                raise InputError(f"onnxruntime rejected the inputs: {_first_line(str(e))}") from e
+                raise InputError(f"onnxruntime rejected the inputs: {first_line(str(e))}") from e
             raise
         out = [torch.from_numpy(np.ascontiguousarray(o)) if isinstance(o, np.ndarray) else torch.as_tensor(o)
                for o in outs]
@@ -188,9 +188,6 @@ class OnnxRuntimeRunner(Runner):
         return f"OnnxRuntimeRunner({self.model_path.name}, providers={self.providers})"
 
 
-def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[0] if lines else ""
 
 
 def _quantizes_activations(path: Path) -> bool:

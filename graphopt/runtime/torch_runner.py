@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from graphopt.backends.base import Runner
-from graphopt.errors import ArtifactError, InputError
+from graphopt.errors import ArtifactError, InputError, first_line
 from graphopt.runtime.arrays import as_tensor
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class TorchRunner(Runner):
                                     "defines; install (or stop disabling) the plugin whose pass inserted "
                                     "them") from e
             raise ArtifactError(f"torch {torch.__version__} could not load {self.path}: {type(e).__name__}: "
-                                f"{_first_line(str(e))}. It was probably saved by another torch version; "
+                                f"{first_line(str(e))}. It was probably saved by another torch version; "
                                 "compile the model again with this one") from e
         self.device = str(dev)
         self._device = dev
@@ -189,7 +189,7 @@ class TorchRunner(Runner):
             except (AssertionError, RuntimeError) as e:
                 text = str(e)
                 if "Guard failed" in text or text.startswith("Expected input"):
-                    raise InputError(f"inputs outside what the program was compiled for: {_first_line(text)}") from e
+                    raise InputError(f"inputs outside what the program was compiled for: {first_line(text)}") from e
                 raise
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -255,6 +255,3 @@ def _unknown_ops(path: Path) -> list[str]:
     return missing
 
 
-def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[0] if lines else ""

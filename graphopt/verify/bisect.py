@@ -115,7 +115,7 @@ def bisect(ir: GraphIR, passes: list[Pass], *, pipeline_text: str = "", n_random
     _, cand, c = attempt(hi)
     result.steps = steps
     result.rewrite_index = hi
-    done = c.data.get("_last_rewrites", [])
+    done = c.pass_rewrites
     result.rewrite = done[hi - 1] if len(done) >= hi else None
     result.node = first_divergence(original, cand, inputs[0], rtol=max(rtol, 1e-6), atol=max(atol, 1e-6),
                                    pass_name=guilty.name)

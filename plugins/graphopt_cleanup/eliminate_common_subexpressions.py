@@ -33,12 +33,12 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphopt.ir.graph_ir import GraphIR, op_name
-from graphopt.ir.nodes import packet
-from graphopt.passes.base import Pass, PassContext, PassResult
-from graphopt.verify.policies import reference
+from graphopt import Pass, PassContext, PassResult
+from graphopt.fx import ASSERT_OPS, attribute, packet
+from graphopt.ir import GraphIR, op_name
+from graphopt.verify import reference
 
-from .remove_noops import ASSERT_OPS, OpOverload
+from .remove_noops import OpOverload
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,7 @@ def _is_candidate(node: torch.fx.Node) -> bool:
 
 def _key(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Any:
     if node.op == "get_attr":
-        value: Any = gm
-        for part in str(node.target).split("."):
-            value = getattr(value, part, None)
+        value = attribute(gm, str(node.target))
         # the same tensor under two names (tied weights) is one value
         return ("get_attr", id(value)) if isinstance(value, torch.Tensor) else ("get_attr", node.target)
     if not _is_candidate(node):

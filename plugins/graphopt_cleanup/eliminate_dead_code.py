@@ -26,10 +26,10 @@ import logging
 
 import torch.fx
 
-from graphopt.ir.analysis import live_nodes
-from graphopt.ir.graph_ir import GraphIR, op_name
-from graphopt.passes.base import Pass, PassContext, PassResult
-from graphopt.verify.policies import exact
+from graphopt import Pass, PassContext, PassResult
+from graphopt.fx import live_nodes
+from graphopt.ir import GraphIR, op_name
+from graphopt.verify import exact
 
 log = logging.getLogger(__name__)
 

@@ -42,12 +42,12 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphopt.ir.graph_ir import GraphIR, op_name
-from graphopt.ir.nodes import packet
-from graphopt.passes.base import Pass, PassContext, PassResult
-from graphopt.verify.policies import reference
+from graphopt import Pass, PassContext, PassResult
+from graphopt.fx import ASSERT_OPS, attribute, packet
+from graphopt.ir import GraphIR, op_name
+from graphopt.verify import reference
 
-from .remove_noops import ASSERT_OPS, OpOverload
+from .remove_noops import OpOverload
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +108,6 @@ def _evaluate(node: torch.fx.Node, values: dict[torch.fx.Node, Any]) -> Any:
         return node.target(*args, **kwargs)
 
 
-def _fetch(gm: torch.fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
 def _fingerprint(value: torch.Tensor) -> tuple | None:
     """Identity of a value's bits, so equal folded values share one buffer (a Llama builds the
     same rotary cos/sin table in every layer)."""
@@ -145,7 +138,7 @@ class FoldConstants(Pass):
         values: dict[torch.fx.Node, Any] = {}
         for node in graph.nodes:
             if node.op == "get_attr":
-                value = _fetch(gm, node.target)
+                value = attribute(gm, node.target)
                 if isinstance(value, torch.Tensor):
                     values[node] = value
             elif _foldable(node, values):

@@ -40,25 +40,19 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphopt.ir.graph_ir import GraphIR, op_name
-from graphopt.ir.nodes import arg, packet, tensor_val
-from graphopt.passes.base import Pass, PassContext, PassResult
-from graphopt.verify.policies import reference
+from graphopt import Pass, PassContext, PassResult
+from graphopt.fx import ASSERT_OPS, arg, packet, tensor_val
+from graphopt.ir import GraphIR, op_name
+from graphopt.verify import reference
 
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 OpOverload = torch._ops.OpOverload  # the public type of ``aten.add.Tensor``; no public module has it
 
-# Nodes that only check something and return nothing (no users): erased outright. Dead-code
-# elimination keeps them (they count as side effects); removing them is this pass's decision.
-ASSERT_OPS = frozenset({
-    aten._assert_tensor_metadata,
-    aten._assert_scalar,
-    aten._assert_async,
-    aten.sym_constrain_range_for_size,
-    aten.sym_constrain_range,
-})
+# ASSERT_OPS (graphopt.fx): nodes that only check something and return nothing (no users), erased
+# outright. Dead-code elimination keeps them (they count as side effects); removing them is this
+# pass's decision.
 
 ERASE = object()
 """A rule's answer for nodes with no value to forward (assertions): erase the node."""

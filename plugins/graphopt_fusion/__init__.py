@@ -35,3 +35,11 @@ def graphopt_register_passes(register):
     # (neither cares, but their matches stay where the model code put them); merge-gemms before
     # fuse-activations so SwiGLU is counted on the merged gate/up split it will run as.
     register.alias("fuse", "fuse-attention,fuse-norms,fuse-rope,merge-gemms,fuse-activations")
+
+
+@hookimpl
+def graphopt_register_onnx_translations(register):
+    from graphopt_fusion.ops import ONNX_TRANSLATIONS
+
+    for op, function, min_opset in ONNX_TRANSLATIONS:
+        register(op, function, min_opset=min_opset)

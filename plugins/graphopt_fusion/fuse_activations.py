@@ -50,9 +50,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphopt.ir.graph_ir import GraphIR
-from graphopt.passes.base import Pass, PassContext, PassResult
-from graphopt.verify.policies import reference
+from graphopt import Pass, PassContext, PassResult
+from graphopt.ir import GraphIR
+from graphopt.verify import reference
 
 from .patterns import aten, constant_scalar, copy_source_meta, erased_by, packet, tensor_val
 

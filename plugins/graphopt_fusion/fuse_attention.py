@@ -69,7 +69,7 @@ Numerics, fully-masked rows included (a row whose every key is masked):
   of the original stays within 3x the original's own (observed: at most 1.4x on MiniLM with real
   text, while a scale off by 1e-3 is 20x-1000x and a dropped padding mask 1e5x). Lowered to ONNX, the onnx backend keeps these semantics in
   ONNX Runtime, whose ``Attention`` kernel reads ``finfo.min`` as "masked out" and refuses masks
-  that broadcast over the query length (see ``_prepare_attention_masks`` there).
+  that broadcast over the query length (see ``prepare_attention_masks`` in graphopt.backends.onnx_fixups).
 
 Left alone on purpose (near misses): attention without a softmax, softmax over another dim, a
 scale that is a tensor not provably a constant scalar (computed from inputs, or per-head), a scale
@@ -92,9 +92,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphopt.ir.graph_ir import GraphIR
-from graphopt.passes.base import Pass, PassContext, PassResult
-from graphopt.verify.policies import reference
+from graphopt import Pass, PassContext, PassResult
+from graphopt.ir import GraphIR
+from graphopt.verify import reference
 
 from .patterns import (
     CAST_OPS,

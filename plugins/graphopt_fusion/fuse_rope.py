@@ -46,9 +46,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphopt.ir.graph_ir import GraphIR
-from graphopt.passes.base import Pass, PassContext, PassResult
-from graphopt.verify.policies import reference
+from graphopt import Pass, PassContext, PassResult
+from graphopt.ir import GraphIR
+from graphopt.verify import reference
 
 from . import ops  # noqa: F401  (registers torch.ops.graphopt.rotary_embedding and its ONNX translations)
 from .patterns import (

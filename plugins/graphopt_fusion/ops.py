@@ -18,17 +18,15 @@ For rotate-half this is, term by term, what Hugging Face computes as
 IEEE arithmetic), so the reference implementation below gives bit-identical results. The fake
 (meta) implementation makes FakeTensor shape propagation and ``torch.export`` re-export work.
 
-Importing this module registers the op with torch (``torch.ops.graphopt.rotary_embedding``) and its
-ONNX translations with the onnx backend: ``RotaryEmbedding`` from opset 23, the same arithmetic in
-plain ONNX ops below it. The fusion plugin imports it when it registers its passes, so every
+Importing this module registers the op with torch (``torch.ops.graphopt.rotary_embedding``); its
+ONNX translations (``RotaryEmbedding`` from opset 23, the same arithmetic in plain ONNX ops below
+it) are listed in :data:`ONNX_TRANSLATIONS`, which the plugin registers through its hook. The fusion plugin imports it when it registers its passes, so every
 process that loads plugins (``graphopt.load`` does) can deserialize a ``.pt2`` that uses the op.
 """
 
 from __future__ import annotations
 
 import torch
-
-from graphopt.backends.onnx import register_onnx_translation
 
 __all__ = ["rotary_embedding"]
 
@@ -95,5 +93,9 @@ def _rotary_embedding_decomposed(x, cos, sin, interleaved: bool = False):
     return op.Concat(op.Sub(op.Mul(x1, c), op.Mul(x2, s)), op.Add(op.Mul(x2, c), op.Mul(x1, s)), axis=-1)
 
 
-register_onnx_translation(torch.ops.graphopt.rotary_embedding.default, _rotary_embedding_decomposed)
-register_onnx_translation(torch.ops.graphopt.rotary_embedding.default, _rotary_embedding_opset23, min_opset=23)
+#: (op, onnxscript function, lowest opset): registered by the plugin's
+#: ``graphopt_register_onnx_translations`` hook (graphopt_fusion/__init__.py)
+ONNX_TRANSLATIONS = [
+    (torch.ops.graphopt.rotary_embedding.default, _rotary_embedding_decomposed, 18),
+    (torch.ops.graphopt.rotary_embedding.default, _rotary_embedding_opset23, 23),
+]

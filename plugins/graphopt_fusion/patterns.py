@@ -46,20 +46,25 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphopt.ir.nodes import arg, dims, dtype, is_op, packet, rank, tensor_val  # noqa: F401 (re-exported)
+from graphopt.fx import (  # noqa: F401 (re-exported: the fusion passes read them from here)
+    ASSERT_OPS,
+    arg,
+    copy_source_meta,
+    dims,
+    dtype,
+    erase_dead,
+    is_op,
+    only_user,
+    packet,
+    rank,
+    real_users,
+    tensor_val,
+)
+from graphopt.fx import constant as constant_tensor
 
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
-
-#: Checks that return nothing and only read their input; they never keep a value alive.
-ASSERT_OPS = frozenset({
-    aten._assert_tensor_metadata,
-    aten._assert_scalar,
-    aten._assert_async,
-    aten.sym_constrain_range_for_size,
-    aten.sym_constrain_range,
-})
 
 #: Casts: value-preserving when the dtype does not change.
 CAST_OPS = frozenset({aten.to, aten._to_copy, aten.type_as})
@@ -89,16 +94,6 @@ def static_int(d: Any) -> int | None:
         return None
 
 
-def constant_tensor(x: Any) -> torch.Tensor | None:
-    """The tensor a ``get_attr`` node reads (a parameter, buffer or folded constant), else ``None``."""
-    if not isinstance(x, torch.fx.Node) or x.op != "get_attr":
-        return None
-    obj: Any = x.graph.owning_module
-    for part in str(x.target).split("."):
-        obj = getattr(obj, part, None)
-    return obj if isinstance(obj, torch.Tensor) else None
-
-
 def constant_scalar(x: Any) -> float | None:
     """``x`` as a float when it is a compile-time scalar: a Python number, or a one-element constant
     tensor (looked up through copies such as ``lift_fresh_copy``). ``None`` otherwise: symbolic
@@ -116,16 +111,6 @@ def constant_scalar(x: Any) -> float | None:
     if t is None or t.numel() != 1 or t.is_complex():
         return None
     return float(t.detach().reshape(()).double().item())
-
-
-def real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """Users that consume the value (assertions only read its metadata)."""
-    return [u for u in node.users if packet(u) not in ASSERT_OPS]
-
-
-def only_user(node: torch.fx.Node) -> torch.fx.Node | None:
-    users = real_users(node)
-    return users[0] if len(users) == 1 else None
 
 
 # -- looking through no-ops ------------------------------------------------------------------
@@ -330,39 +315,6 @@ def infer_meta(node: torch.fx.Node) -> None:
             mode.allow_non_fake_inputs = prev
     except Exception as e:  # noqa: BLE001 - metadata only; the manager re-propagates
         log.debug("could not infer meta of %s: %s", node.format_node(), e)
-
-
-def copy_source_meta(src: torch.fx.Node, dst: torch.fx.Node) -> None:
-    """Carry the model source location over, so errors and reports point at the model's code."""
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in src.meta:
-            dst.meta[key] = src.meta[key]
-
-
-def erase_dead(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node]) -> int:
-    """Erase ``nodes`` that nothing reads any more (assertions on them included), then whatever only
-    they read, up the graph. Placeholders, impure nodes and nodes still in use stay. Returns how many
-    nodes were erased."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    work = {n for n in nodes if n in order}
-    erased = 0
-    while work:
-        node = max(work, key=order.__getitem__)  # users before what they read
-        work.discard(node)
-        if node.op in ("placeholder", "output") or node not in order:
-            continue
-        for user in list(node.users):
-            if packet(user) in ASSERT_OPS and not user.users:
-                graph.erase_node(user)
-                order.pop(user, None)
-        if node.users or (node.op == "call_function" and node.is_impure(impure_random=False)):
-            continue  # still read, or has side effects (a dead random op such as dropout may go)
-        inputs = node.all_input_nodes
-        graph.erase_node(node)
-        order.pop(node, None)
-        erased += 1
-        work.update(n for n in inputs if n in order)
-    return erased
 
 
 def is_absorbing(value: float, dtype: torch.dtype = torch.float32) -> bool:

@@ -45,10 +45,10 @@ from typing import Any
 import torch
 import torch.fx
 
+from graphopt import Pass, PassContext, PassResult
 from graphopt.errors import PassError
-from graphopt.ir.graph_ir import GraphIR
-from graphopt.passes.base import Pass, PassContext, PassResult
-from graphopt.verify.policies import reference
+from graphopt.ir import GraphIR
+from graphopt.verify import reference
 
 from .patterns import aten, copy_source_meta, packet, real_users, tensor_val
 
@@ -409,7 +409,7 @@ def padded_probes(ir: GraphIR, mask: str, n: int = 2, seed: int = 0) -> list[lis
 def _check_probes(ir: GraphIR, probes: list, want: list, mask: str, tol: float = 1e-4) -> float:
     """Real tokens of the packed graph must match the padded graph on the padded probes; a model
     whose real tokens read the padding (no key mask) fails here, before any later pass runs."""
-    from graphopt.verify.policies import max_abs_error, zero_padding
+    from graphopt.fx import max_abs_error, zero_padding
 
     got = [ir.run(p) for p in probes]
     names = ir.output_names

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from graphopt.ir.graph_ir import GraphIR, dtype_from_name
+from graphopt.ir import GraphIR, dtype_from_name
 
 
 def _feed(ir: GraphIR, values: dict[str, torch.Tensor]) -> list[torch.Tensor]:

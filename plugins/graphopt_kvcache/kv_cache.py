@@ -50,10 +50,10 @@ from typing import Any
 import torch
 import torch.fx
 
+from graphopt import Pass, PassContext, PassResult
 from graphopt.errors import PassError, PassOptionError
-from graphopt.ir.graph_ir import GraphIR, TensorSpec, dtype_name
-from graphopt.passes.base import Pass, PassContext, PassResult
-from graphopt.verify.policies import equivalence
+from graphopt.ir import GraphIR, TensorSpec, dtype_name
+from graphopt.verify import equivalence
 from graphopt_kvcache.decoding import decoding_equivalence
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class KVCache(Pass):
         """Batch and sequence dynamic on the token ids and the attention mask (a single prompt of
         shape [1, T] is a valid example): the declared ranges, else batch 1..64 and sequence
         1..min(model's max positions, 4096) (``max_len`` for a static cache)."""
-        from graphopt.capture import decoder_requirements
+        from graphopt.fx import decoder_requirements
 
         return decoder_requirements(inputs, declared, module, ids=self.options.ids,
                                     max_len=self.options.max_len if self.options.static else 0)
@@ -468,7 +468,7 @@ def _build_mask(graph, full, qpos, L, static, n_static):
 def _check_masks(ir: GraphIR, attns: list[_Attention], ids_spec: TensorSpec, mask_spec: TensorSpec | None) -> None:
     """Evaluate each attention's mask on probe inputs and require it to be causal & padding on every
     real (non-padding) query row."""
-    from graphopt.verify.verifier import record_values
+    from graphopt.fx import record_values
 
     T, B = 7, 2
     ids_ex = ir.example_inputs[ir.input_names.index(ids_spec.name)]

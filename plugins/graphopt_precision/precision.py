@@ -53,11 +53,11 @@ from typing import Any, Literal
 import torch
 import torch.fx
 
+from graphopt import Pass, PassContext, PassResult
 from graphopt.errors import PassError, PassOptionError
-from graphopt.ir.graph_ir import GraphIR, dtype_name
-from graphopt.ir.nodes import packet
-from graphopt.passes.base import Pass, PassContext, PassResult
-from graphopt.verify.policies import reference
+from graphopt.fx import attribute, packet, replace_attribute
+from graphopt.ir import GraphIR, dtype_name
+from graphopt.verify import reference
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class _Rewriter:
             if n.op == "placeholder":
                 self.dtype[n] = _orig_dtype(n)
             elif n.op == "get_attr":
-                val = _attr(self.ir.graph_module, n.target)
+                val = attribute(self.ir.graph_module, n.target)
                 self.dtype[n] = val.dtype if isinstance(val, torch.Tensor) else None
             elif n.op == "call_function":
                 self.dtype[n] = self.visit(n, n in data)
@@ -351,24 +351,6 @@ def _has_unrepresentable_scalar(n: torch.fx.Node, dtype: torch.dtype) -> bool:
     return any(math.isfinite(s) and abs(s) > limit for s in scalars)
 
 
-def _attr(root: torch.nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _convert_attr(root: torch.nn.Module, target: str, dtype: torch.dtype) -> None:
-    """Store parameter/buffer/constant ``target`` of the graph module in ``dtype``."""
-    *parents, leaf = target.split(".")
-    mod: Any = root
-    for p in parents:
-        mod = getattr(mod, p)
-    old = getattr(mod, leaf)
-    new = old.detach().to(dtype)
-    if isinstance(old, torch.nn.Parameter):
-        setattr(mod, leaf, torch.nn.Parameter(new, requires_grad=False))
-    elif isinstance(mod, torch.nn.Module) and leaf in dict(mod.named_buffers(recurse=False)):
-        mod.register_buffer(leaf, new)
-    else:
-        setattr(mod, leaf, new)
+    """Store parameter/buffer/constant ``target`` of the graph module in ``dtype`` (a new tensor)."""
+    replace_attribute(root, target, attribute(root, target).detach().to(dtype))

@@ -669,7 +669,7 @@ def apply(gm: torch.fx.GraphModule, group: Group, keep: list[int]) -> None:
 def masked_copy(gm: torch.fx.GraphModule, plan: list[tuple[Group, list[int]]]) -> torch.fx.GraphModule:
     """A copy of ``gm`` with the sinks' columns of every removed unit zeroed: what the shrunk graph
     must compute exactly."""
-    from graphopt.ir.graph_ir import copy_graph_module
+    from graphopt.ir import copy_graph_module
 
     masked = copy_graph_module(gm)  # weights shared; the masked sinks get new tensors below
     names = {n.name: n for n in masked.graph.nodes}

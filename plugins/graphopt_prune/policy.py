@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import math
 
-from graphopt.verify import metrics
-from graphopt.verify.policies import Evidence, Metric, Outcome
+from graphopt.verify import Evidence, Metric, Outcome, perplexity
 
 
 class PruneQuality(Metric):
@@ -58,7 +57,7 @@ def _perplexities(ev: Evidence) -> dict[str, float] | None:
     if ids.numel() == 0 or int(ids.max()) >= a.shape[-1] or ids.shape[1] < 2:
         return None
     targets = ids[:, 1:]
-    p0 = metrics.perplexity(a[:, :-1], targets)
-    p1 = metrics.perplexity(b[:, :-1], targets)
+    p0 = perplexity(a[:, :-1], targets)
+    p1 = perplexity(b[:, :-1], targets)
     ratio = p1 / p0 if p0 > 0 and math.isfinite(p0) else math.inf
     return {"ppl_original": p0, "ppl_candidate": p1, "ppl_ratio": ratio}

@@ -38,9 +38,9 @@ from typing import Literal
 import torch
 import torch.fx
 
+from graphopt import Pass, PassContext, PassResult
 from graphopt.errors import PassError
-from graphopt.ir.graph_ir import GraphIR
-from graphopt.passes.base import Pass, PassContext, PassResult
+from graphopt.ir import GraphIR
 
 from . import dependency, importance
 from .dependency import Group
@@ -106,7 +106,7 @@ class Prune(Pass):
         all_sites = sites(gm)
         norms = None
         if o.method == "wanda":
-            from graphopt.calibration import load_calibration
+            from graphopt.fx import load_calibration
 
             sets = load_calibration(
                 o.calib,
@@ -304,7 +304,7 @@ def _group_params(gm: torch.fx.GraphModule, g: Group) -> int:
 
 
 def _check_inputs(ir: GraphIR) -> list[list[torch.Tensor]]:
-    from graphopt.verify.verifier import make_verification_inputs
+    from graphopt.fx import make_verification_inputs
 
     return make_verification_inputs(ir, n_random=1, seed=7)
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from graphopt.fx import attribute
+
 aten = torch.ops.aten
 Node = torch.fx.Node
 
@@ -42,11 +44,7 @@ def get_constant(gm: torch.fx.GraphModule, node: object) -> torch.Tensor | None:
     """The tensor a ``get_attr`` node reads (``None`` for anything else)."""
     if not isinstance(node, Node) or node.op != "get_attr":
         return None
-    obj = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
+    obj = attribute(gm, str(node.target))
     return obj if isinstance(obj, torch.Tensor) else None
 
 

@@ -13,9 +13,17 @@ __version__ = "0.1.0"
 
 @hookimpl
 def graphopt_register_passes(register):
-    from graphopt_quant import ops  # noqa: F401  (registers the custom ops + ONNX translations)
+    from graphopt_quant import ops  # noqa: F401  (registers the custom ops with torch)
     from graphopt_quant.calibrate import Calibrate
     from graphopt_quant.quantize import Quantize
 
     register(Calibrate)
     register(Quantize)
+
+
+@hookimpl
+def graphopt_register_onnx_translations(register):
+    from graphopt_quant.ops import ONNX_TRANSLATIONS
+
+    for op, function, min_opset in ONNX_TRANSLATIONS:
+        register(op, function, min_opset=min_opset)

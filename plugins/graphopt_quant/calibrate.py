@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 import graphopt
-from graphopt.calibration import CalibrationError, fingerprint, load_calibration
 from graphopt.errors import PassError
+from graphopt.fx import CalibrationError, fingerprint, load_calibration
 from graphopt_quant import core
 from graphopt_quant.observers import OBSERVERS
 

@@ -28,7 +28,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from graphopt.ir.graph_ir import GraphIR
+from graphopt.fx import attribute, replace_attribute
+from graphopt.ir import GraphIR
 from graphopt_quant import ops
 from graphopt_quant.observers import Observer
 
@@ -86,7 +87,7 @@ def find_linears(ir: GraphIR) -> list[Linear]:
         w = n.args[1]
         if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
             continue
-        wt = _attr(ir.graph_module, w.target)
+        wt = attribute(ir.graph_module, w.target)
         if not isinstance(wt, torch.Tensor) or wt.dim() != 2 or not wt.is_floating_point():
             continue
         bias = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
@@ -104,7 +105,7 @@ def is_lm_head(ir: GraphIR, lin: Linear) -> bool:
     if any(u.target is aten.embedding.default for u in w.users):
         return True
     return lin.node in ir.output_values() and len(ir.output_values()) == 1 and \
-        _attr(ir.graph_module, lin.weight_attr).shape[0] > 4 * _attr(ir.graph_module, lin.weight_attr).shape[1]
+        attribute(ir.graph_module, lin.weight_attr).shape[0] > 4 * attribute(ir.graph_module, lin.weight_attr).shape[1]
 
 
 def select(ir: GraphIR, linears: list[Linear], skip: Sequence[str], include: Sequence[str],
@@ -268,8 +269,8 @@ def layer_inputs(ir: GraphIR, flat: list[torch.Tensor], linears: list[Linear]) -
 
 def layer_sqnr(ir: GraphIR, x: torch.Tensor, lin: Linear, plan: LayerPlan) -> float:
     """SQNR (dB) of one linear's output, quantized vs float, on its real input activation ``x``."""
-    w = _attr(ir.graph_module, lin.weight_attr)
-    b = _attr(ir.graph_module, lin.bias.target) if isinstance(lin.bias, torch.fx.Node) and lin.bias.op == "get_attr" else None
+    w = attribute(ir.graph_module, lin.weight_attr)
+    b = attribute(ir.graph_module, lin.bias.target) if isinstance(lin.bias, torch.fx.Node) and lin.bias.op == "get_attr" else None
     with torch.no_grad():
         ref = F.linear(x, w, b).double()
         q = quantized_linear(x, w, b, plan).double()
@@ -288,7 +289,7 @@ def rewrite(ir: GraphIR, plans: dict[str, LayerPlan], should_rewrite: Callable[[
         lin = by_name.get(name)
         if lin is None or not should_rewrite(f"quantize {name} ({plan.scheme})"):
             continue
-        w = _attr(gm, lin.weight_attr)
+        w = attribute(gm, lin.weight_attr)
         tag = _unique(gm, name.replace(".", "_"))
         with graph.inserting_before(lin.node):
             x = lin.x
@@ -335,7 +336,7 @@ def fold_smoothing(ir: GraphIR) -> int:
             continue
         if not isinstance(x, torch.fx.Node) or len(x.users) != 1:
             continue
-        inv = _attr(gm, s.target)
+        inv = attribute(gm, s.target)
         targets = []
         if x.target in (aten.layer_norm.default, aten.rms_norm.default):
             wi = 2
@@ -343,35 +344,17 @@ def fold_smoothing(ir: GraphIR) -> int:
                        if isinstance(a, torch.fx.Node)]
         elif x.target is aten.mul.Tensor:
             targets = [a for a in x.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"
-                       and _attr(gm, a.target).dim() == 1]
+                       and attribute(gm, a.target).dim() == 1]
             targets = targets[:1]
-        if not targets or any(t.op != "get_attr" or len(t.users) != 1 or _attr(gm, t.target).shape != inv.shape
+        if not targets or any(t.op != "get_attr" or len(t.users) != 1 or attribute(gm, t.target).shape != inv.shape
                               for t in targets):
             continue
         for t in targets:
-            _set_attr(gm, t.target, _attr(gm, t.target) * inv)
+            replace_attribute(gm, t.target, (attribute(gm, t.target) * inv).detach())
         n.replace_all_uses_with(x)
         ir.graph.erase_node(n)
         folded += 1
     return folded
-
-
-def _attr(gm: torch.nn.Module, target: str) -> Any:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set_attr(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    *path, last = target.split(".")
-    mod = gm
-    for p in path:
-        mod = getattr(mod, p)
-    if isinstance(getattr(mod, last), torch.nn.Parameter):
-        setattr(mod, last, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
-    else:
-        setattr(mod, last, value.detach().clone())
 
 
 def _unique(gm: torch.nn.Module, base: str) -> str:

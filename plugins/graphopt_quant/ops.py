@@ -19,14 +19,13 @@ reads as explicit quantization):
     → ``DequantizeLinear(q, scale, axis=axis[, block_size=...])`` (blocked from opset 21).
 
 Zero points are always 0 (TensorRT's explicit-quantization rule); scales are > 0 (the observers
-never produce 0). Importing this module registers the ops with torch and their ONNX translations.
+never produce 0). Importing this module registers the ops with torch; the plugin registers their ONNX translations
+(:data:`ONNX_TRANSLATIONS`) through its hook.
 """
 
 from __future__ import annotations
 
 import torch
-
-from graphopt.backends.onnx import register_onnx_translation
 
 __all__ = ["dequantize_linear", "quantize_dequantize", "DTYPES"]
 
@@ -106,6 +105,10 @@ def _dq_onnx_opset21(q, scale, axis: int, block_size: int):
     return op.DequantizeLinear(q, scale, axis=axis)
 
 
-register_onnx_translation(torch.ops.graphopt.quantize_dequantize.default, _qdq_onnx, min_opset=19)
-# block-wise DequantizeLinear (int4 weights) exists from opset 21: graphs with weights get >= 21
-register_onnx_translation(torch.ops.graphopt.dequantize_linear.default, _dq_onnx_opset21, min_opset=21)
+#: (op, onnxscript function, lowest opset): registered by the plugin's
+#: ``graphopt_register_onnx_translations`` hook (graphopt_quant/__init__.py). Block-wise
+#: DequantizeLinear (int4 weights) exists from opset 21: graphs with such weights get >= 21.
+ONNX_TRANSLATIONS = [
+    (torch.ops.graphopt.quantize_dequantize.default, _qdq_onnx, 19),
+    (torch.ops.graphopt.dequantize_linear.default, _dq_onnx_opset21, 21),
+]

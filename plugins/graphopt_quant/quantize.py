@@ -42,7 +42,8 @@ import torch
 
 import graphopt
 from graphopt.errors import PassError
-from graphopt.verify.metrics import token_cosine
+from graphopt.fx import attribute
+from graphopt.verify import token_cosine
 from graphopt_quant import core
 
 
@@ -142,7 +143,7 @@ class Quantize(graphopt.Pass):
         if scheme == "smoothquant":
             cm = torch.tensor(layer["channel_absmax"], dtype=torch.float64)
             group = [lin2 for lin2 in linears if lin2.x is lin.x]  # linears sharing x share s
-            wmax = torch.stack([core._attr(ir.graph_module, g.weight_attr).detach().abs().amax(0).double()
+            wmax = torch.stack([attribute(ir.graph_module, g.weight_attr).detach().abs().amax(0).double()
                                 for g in group]).amax(0)
             s = (cm.clamp_min(1e-5) ** o.alpha / wmax.clamp_min(1e-5) ** (1 - o.alpha)).clamp_min(1e-5)
             plan.smooth = _shared(ir, lin.x, s.float())

@@ -1,5 +1,5 @@
 """The ONNX lowering gives ``Attention`` the 3-D ``[batch, seq, heads * head_dim]`` layout and
-the KV cache (graphopt.backends.onnx ``_fold_attention_layout``): the exporter's per-layer
+the KV cache (graphopt.backends.onnx_fixups ``fold_attention_layout``): the exporter's per-layer
 Reshape/Transpose of Q/K/V, the cache ``Concat`` and the Transpose/Reshape after attention go, and
 the artifact computes what the model does (HF families, left-padded prompts of mixed lengths,
 no-cache encoders). ``fold_attention=False`` keeps the exporter's form (the TensorRT lowering's)."""

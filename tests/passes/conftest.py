@@ -1,27 +1,13 @@
 """Fixtures shared by the pass tests: a tiny Hugging Face Llama captured once per session, and
-fresh random inputs for it.
-
-graphopt and its built-in plugins may run from a source tree that was never pip-installed (or was
-installed in editable mode before ``plugins/graphopt_cleanup/__init__.py`` existed, which makes it
-an empty namespace package); then the repo root and ``plugins/`` go first on ``sys.path`` so
-``graphopt_cleanup`` imports the way the entry point loads it.
-"""
+fresh random inputs for it. graphopt and its built-in plugins come from the editable install
+(``make setup``), through their entry points."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-for _path, _module in ((ROOT, "graphopt"), (ROOT / "plugins", "graphopt_cleanup")):
-    _spec = importlib.util.find_spec(_module)
-    if _spec is None or _spec.loader is None:  # missing, or a namespace package
-        sys.path.insert(0, str(_path))
 
 VOCAB, BATCH, SEQ = 256, 2, 8
 

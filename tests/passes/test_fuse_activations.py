@@ -15,6 +15,7 @@ from transformers.activations import FastGELUActivation, NewGELUActivation
 
 import graphopt
 from graphopt.passes.base import PassContext
+from tests.conftest import optimize_verified
 from tests.passes.lowering import lower_and_compare, token_inputs
 
 H = 16
@@ -41,10 +42,7 @@ def _inputs(seed, batch=2, seq=5):
 
 
 def _optimize(module, inputs, pipeline="cleanup,fuse-activations", dynamic=None):
-    original, optimized, report, _ = graphopt.optimize(module.eval(), inputs, pipeline, dynamic=dynamic)
-    for p in report.passes:
-        assert p["verify"]["passed"], (p["name"], p["verify"]["message"])
-    return original, optimized, report.passes[-1]["stats"]
+    return optimize_verified(module, inputs, pipeline, dynamic)
 
 
 @pytest.fixture(scope="module")

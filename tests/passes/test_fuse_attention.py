@@ -496,12 +496,12 @@ def test_onnx_mask_fix_expands_broadcast_masks(tmp_path):
     the runtime); here the graph itself is checked."""
     import onnx_graphsurgeon as gs
 
-    from graphopt.backends.onnx import _prepare_attention_masks
+    from graphopt.backends.onnx_fixups import prepare_attention_masks
 
     q = gs.Variable("q", dtype=np.float32, shape=["b", 4, "t", 8])
     mask = gs.Variable("mask", dtype=np.float32, shape=["b", 1, 1, "t"])
     y = gs.Variable("y", dtype=np.float32)
     graph = gs.Graph(nodes=[gs.Node("Attention", inputs=[q, q, q, mask], outputs=[y])], inputs=[q, mask], outputs=[y])
-    assert _prepare_attention_masks(graph) == 1
+    assert prepare_attention_masks(graph) == 1
     ops = [n.op for n in graph.nodes]
     assert {"Expand", "Where", "Equal"} <= set(ops)

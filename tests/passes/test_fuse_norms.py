@@ -12,6 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import graphopt
 from graphopt.passes.base import PassContext
+from tests.conftest import optimize_verified
 from tests.passes.lowering import lower_and_compare, token_inputs
 
 H = 32
@@ -54,10 +55,7 @@ def _inputs(seed, batch=2, seq=5):
 
 
 def _optimize(module, inputs, dynamic=None, pipeline="cleanup,fuse-norms"):
-    original, optimized, report, _ = graphopt.optimize(module.eval(), inputs, pipeline, dynamic=dynamic)
-    for p in report.passes:
-        assert p["verify"]["passed"], (p["name"], p["verify"]["message"])
-    return original, optimized, report.passes[-1]["stats"]
+    return optimize_verified(module, inputs, pipeline, dynamic)
 
 
 @pytest.fixture(scope="module")

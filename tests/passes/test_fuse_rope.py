@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import graphopt
 from graphopt.passes.base import PassContext
+from tests.conftest import optimize_verified
 from tests.passes.lowering import lower_and_compare, token_inputs
 
 HEADS, KV_HEADS, D = 4, 2, 16
@@ -65,10 +66,7 @@ def _qk(seed, batch=2, seq=6):
 
 
 def _optimize(module, inputs, pipeline="cleanup,fuse-rope", dynamic=None):
-    original, optimized, report, _ = graphopt.optimize(module.eval(), inputs, pipeline, dynamic=dynamic)
-    for p in report.passes:
-        assert p["verify"]["passed"], (p["name"], p["verify"]["message"])
-    return original, optimized, report.passes[-1]["stats"]
+    return optimize_verified(module, inputs, pipeline, dynamic)
 
 
 @pytest.fixture(scope="module")

@@ -1,31 +1,19 @@
 """fold-linear-scale: fold a constant scale that follows a linear layer into its weights.
 
-Why: attention written by hand often scales the query right after its projection, e.g. OPT,
-Whisper, XGLM and TrOCR in Hugging Face transformers::
+Why: OPT, Whisper, XGLM and TrOCR in transformers scale the query after its projection,
+``self.q_proj(hidden_states) * self.scaling``: a separate elementwise kernel over a [B, T, H]
+activation on every layer and step. Scaled weights remove it and leave a plain linear that later
+passes (QKV merging, quantization) and backends recognise.
 
-    query_states = self.q_proj(hidden_states) * self.scaling   # scaling = head_dim ** -0.5
+Rewrites, when the linear/matmul has no other user (else folding would add a second GEMM)::
 
-That multiply is a separate elementwise kernel reading and writing a whole [B, T, H] activation,
-on every layer and every decoding step. Scaling the weights once at compile time removes it, and
-leaves a plain linear that later passes (QKV merging, quantization) and backends recognise.
+    mul(linear(x, W, b), c) | mul(c, linear(x, W, b)) | div(linear(x, W, b), c)
+        ->  linear(x, W*c, b*c)     (W/c, b/c for a division; matmul(x, W) likewise)
 
-Rewrites (``c`` a Python number or a 0-dim constant tensor; ``W``, ``b`` constants)::
-
-    mul(linear(x, W, b), c)   ->  linear(x, W*c, b*c)
-    mul(c, linear(x, W, b))   ->  linear(x, W*c, b*c)
-    div(linear(x, W, b), c)   ->  linear(x, W/c, b/c)
-    mul(matmul(x, W), c)      ->  matmul(x, W*c)          # x @ W.T written out by hand
-    div(matmul(x, W), c)      ->  matmul(x, W/c)
-
-only when the linear/matmul has no other user (otherwise the unscaled value is still needed and
-folding would add a second GEMM). Scaled weights are computed in float64, rounded to the weight's
-dtype and registered as new parameters (buffers if the original was a buffer) of the graph
-module, so a weight shared with other layers (tied embeddings) is never modified in place.
-
-Where it does not apply: nanoGPT and HF Llama/GPT-2 scale the scores, ``(q @ k.T) * c``, a
-product of two activations; there is no constant weight to fold into (the compile report's stats
-say ``folded: 0``). The pass matches ATen graphs (``torch.export`` capture), not the torch-level graphs
-of the ``symbolic_trace`` fallback.
+``c`` is a Python number or a 0-dim constant tensor. Scaled weights are computed in float64,
+rounded once to the weight's dtype and added as new tensors (``graphopt.fx.add_constant``): a
+weight shared with other layers or with the original graph is never written into. nanoGPT and HF
+Llama/GPT-2 scale ``(q @ k.T) * c``, two activations: nothing to fold (stats say ``folded: 0``).
 
 Option ``min_abs`` (default 0): leave factors with ``|factor| < min_abs`` alone; folding a tiny
 scale into fp16/bf16 weights can flush small weights to zero.
@@ -39,19 +27,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
-from torch.fx.node import map_arg
 
 import graphopt
+from graphopt.fx import add_constant, attribute, constant_scalar, constant_value, copy_source_meta, erase_dead
 
 aten = torch.ops.aten
 
-# Ops whose output is a constant when their inputs are: how export spells W.T, lifted scalar
-# tensors (lift_fresh_copy + detach_) and the like. Evaluated once at compile time.
-_CONSTANT_OPS = {
-    aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default,
-    aten.view.default, aten.reshape.default, aten.contiguous.default, aten.clone.default,
-    aten.alias.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default,
-}
 _MUL = (aten.mul.Tensor, aten.mul.Scalar)
 _DIV = (aten.div.Tensor, aten.div.Scalar)
 _LINEAR = aten.linear.default
@@ -113,10 +94,10 @@ def _match(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
         return None
     a, b = node.args
     if node.target in _MUL:
-        producer, c = (a, _scalar(gm, b)) if _is_producer(a) else (b, _scalar(gm, a))
+        producer, c = (a, constant_scalar(b)) if _is_producer(a) else (b, constant_scalar(a))
         divide = False
     elif node.target in _DIV:
-        producer, c, divide = a, _scalar(gm, b), True
+        producer, c, divide = a, constant_scalar(b), True
     else:
         return None
     if c is None or not _is_producer(producer) or len(producer.users) != 1:
@@ -133,32 +114,20 @@ def _is_producer(n: object) -> bool:
     return isinstance(n, torch.fx.Node) and n.op == "call_function" and (n.target is _LINEAR or n.target in _MATMUL)
 
 
-def _scalar(gm: torch.fx.GraphModule, arg: object) -> float | None:
-    """A Python number, or the value of a 0-dim constant tensor; else None."""
-    if isinstance(arg, bool):
-        return None
-    if isinstance(arg, (int, float)):
-        return float(arg)
-    value = _constant(gm, arg)
-    if value is None or value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
-        return None
-    return float(value.item())
-
-
 def _weights(gm: torch.fx.GraphModule, producer: torch.fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(W, b) of the producer when both are floating constants; else None."""
     if producer.target is _LINEAR:
         if producer.kwargs or len(producer.args) not in (2, 3):
             return None
-        w = _constant(gm, producer.args[1])
+        w = constant_value(producer.args[1])
         b_arg = producer.args[2] if len(producer.args) == 3 else None
-        b = None if b_arg is None else _constant(gm, b_arg)
+        b = None if b_arg is None else constant_value(b_arg)
         if b_arg is not None and b is None:
             return None
     else:
         if producer.kwargs or len(producer.args) != 2:
             return None
-        w, b = _constant(gm, producer.args[1]), None
+        w, b = constant_value(producer.args[1]), None
     if w is None or not w.is_floating_point() or (b is not None and not b.is_floating_point()):
         return None
     return w, b
@@ -172,67 +141,29 @@ def _same_type(scale: torch.fx.Node, producer: torch.fx.Node) -> bool:
     return sv.dtype == pv.dtype and sv.shape == pv.shape
 
 
-def _constant(gm: torch.fx.GraphModule, arg: object, depth: int = 0) -> torch.Tensor | None:
-    """The value of ``arg`` if it is computed from graph-module attributes only (through
-    ``_CONSTANT_OPS``); else None. Never mutates the attributes."""
-    if not isinstance(arg, torch.fx.Node) or depth > 8:
-        return None
-    if arg.op == "get_attr":
-        value = _attr(gm, arg.target)
-        return value.detach().clone() if isinstance(value, torch.Tensor) else None
-    if arg.op != "call_function" or arg.target not in _CONSTANT_OPS:
-        return None
-    env = {}
-    for inp in arg.all_input_nodes:
-        env[inp] = _constant(gm, inp, depth + 1)
-        if env[inp] is None:
-            return None
-    with torch.no_grad():
-        return arg.target(*map_arg(arg.args, env.__getitem__), **map_arg(arg.kwargs, env.__getitem__))
-
-
-def _attr(gm: torch.nn.Module, target: str) -> object:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
 def _root_attr(n: torch.fx.Node) -> str:
     """The attribute a constant expression starts from (names the new weight)."""
     while n.op != "get_attr":
         n = n.all_input_nodes[0]
     return str(n.target)
 
-
 # -- rewriting ---------------------------------------------------------------------------------
-
 
 def _fold(gm: torch.fx.GraphModule, m: _Match) -> None:
     graph = gm.graph
     w, b = m.weight, m.bias
     w_root = _root_attr(m.producer.args[1])
     with graph.inserting_before(m.scale):
-        w_node = graph.get_attr(_register(gm, w_root, _scaled(w, m), like=_attr(gm, w_root)))
+        w_node = graph.get_attr(_register(gm, w_root, _scaled(w, m), like=attribute(gm, w_root)))
         args = [m.producer.args[0], w_node]
         if b is not None:
             b_root = _root_attr(m.producer.args[2])
-            args.append(graph.get_attr(_register(gm, b_root, _scaled(b, m), like=_attr(gm, b_root))))
+            args.append(graph.get_attr(_register(gm, b_root, _scaled(b, m), like=attribute(gm, b_root))))
         new = graph.call_function(m.producer.target, tuple(args))
     new.meta.update({k: v for k, v in m.scale.meta.items() if k in ("val", "tensor_meta")})
-    if "stack_trace" in m.producer.meta:
-        new.meta["stack_trace"] = m.producer.meta["stack_trace"]
+    copy_source_meta(m.producer, new)  # errors and reports point at the model's code
     m.scale.replace_all_uses_with(new)
-    dead = [m.scale, m.producer]
-    while dead:
-        n = dead.pop(0)
-        if n.users or n.op == "placeholder":
-            continue
-        inputs = n.all_input_nodes
-        graph.erase_node(n)
-        # the scale's constant and the old weight expressions, once nothing else uses them
-        dead.extend(i for i in inputs if i.op == "get_attr" or (i.op == "call_function" and i.target in _CONSTANT_OPS))
-    return True
+    erase_dead(graph, [m.scale, m.producer])  # and the old weight expressions, once nothing reads them
 
 
 def _scaled(t: torch.Tensor, m: _Match) -> torch.Tensor:
@@ -242,13 +173,6 @@ def _scaled(t: torch.Tensor, m: _Match) -> torch.Tensor:
 
 
 def _register(gm: torch.fx.GraphModule, base: str, value: torch.Tensor, like: object) -> str:
-    """Add ``value`` to ``gm`` under a fresh top-level name; a parameter if ``like`` is one."""
+    """Add ``value`` under a fresh name made from ``base``; a parameter if ``like`` is one."""
     stem = re.sub(r"_scaled(_\d+)?$", "", base.replace(".", "_"), count=1) + "_scaled"
-    name, i = stem, 1
-    while hasattr(gm, name):
-        name, i = f"{stem}_{i}", i + 1
-    if isinstance(like, torch.nn.Parameter):
-        gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
-    else:
-        gm.register_buffer(name, value)
-    return name
+    return add_constant(gm, stem, value, parameter=isinstance(like, torch.nn.Parameter))
