@@ -28,6 +28,9 @@ Rewriting
 Capture
 ``decoder_requirements(...)``             batch and sequence dynamic on token ids and mask: what a
                                           decoder pass returns from ``capture_requirements``
+Graph metadata
+``register_meta_key(name, type, ...)``    declare a ``GraphIR.meta`` key a pass hands on (checked
+                                          after every pass; graphopt.ir.meta lists the built-in ones)
 Verification and calibration
 ``make_verification_inputs(ir)``          the example plus fresh random input sets (never zeros)
 ``record_values(ir, inputs)``             every node's value on ``inputs`` (activation statistics)
@@ -49,6 +52,7 @@ import torch.fx
 from graphopt.calibration import CalibrationError, fingerprint, load_calibration
 from graphopt.capture import decoder_requirements
 from graphopt.ir.analysis import live_nodes
+from graphopt.ir.meta import register_key as register_meta_key
 from graphopt.ir.nodes import arg, dims, dtype, is_op, packet, rank, tensor_val
 from graphopt.verify.policies import max_abs_error, zero_padding
 from graphopt.verify.verifier import make_verification_inputs, record_values
@@ -58,7 +62,7 @@ __all__ = [
     "constant_scalar", "constant_value", "copy_source_meta", "decoder_requirements",
     "dims", "dtype", "erase_dead", "fingerprint", "is_op", "live_nodes", "load_calibration",
     "make_verification_inputs", "max_abs_error", "only_user", "packet", "rank", "real_users",
-    "record_values", "replace_attribute", "tensor_val", "zero_padding",
+    "record_values", "register_meta_key", "replace_attribute", "tensor_val", "zero_padding",
 ]
 
 _aten = torch.ops.aten

@@ -21,6 +21,7 @@ from torch.fx.node import map_arg
 
 from graphopt.errors import GraphoptError, PassError, VerificationError
 from graphopt.ir.graph_ir import PROVENANCE, GraphIR
+from graphopt.ir.meta import check_meta
 from graphopt.passes.base import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class PassManager:
             rewired = {k: v for k, v in rewired.items() if k not in dirty}
             ir.propagate_shapes(dirty if incremental else None, rewired if incremental else None)
         p.ensures(ir)
+        check_meta(ir, p.name)  # GraphIR.meta's keys: declared, public, of their type (graphopt.ir.meta)
         log.debug("pass %s: changed=%s in %.3fs", p.name, changed_any, time.perf_counter() - t0)
         return PassResult(ir, changed_any, stats)
 

@@ -21,25 +21,21 @@ from typing import Any
 
 from graphopt.hookspecs import hookimpl
 
-from .eliminate_common_subexpressions import EliminateCommonSubexpressions
-from .eliminate_dead_code import EliminateDeadCode
-from .fold_constants import FoldConstants
-from .remove_noops import RemoveNoops
-
 __version__ = "0.1.0"
 
-PASSES = (RemoveNoops, FoldConstants, EliminateCommonSubexpressions, EliminateDeadCode)
-CLEANUP = ",".join(p.name for p in PASSES)
+#: the ``cleanup`` alias, in order
+CLEANUP = "remove-noops,fold-constants,eliminate-common-subexpressions,eliminate-dead-code"
 
 
 @hookimpl
 def graphopt_register_passes(register: Any) -> None:
-    for pass_cls in PASSES:
+    from graphopt_cleanup.eliminate_common_subexpressions import EliminateCommonSubexpressions
+    from graphopt_cleanup.eliminate_dead_code import EliminateDeadCode
+    from graphopt_cleanup.fold_constants import FoldConstants
+    from graphopt_cleanup.remove_noops import RemoveNoops
+
+    for pass_cls in (RemoveNoops, FoldConstants, EliminateCommonSubexpressions, EliminateDeadCode):
         register(pass_cls)
     register.alias("cleanup", CLEANUP)
     register.alias("dce", EliminateDeadCode.name)
     register.alias("cse", EliminateCommonSubexpressions.name)
-
-
-__all__ = ["__version__", "RemoveNoops", "FoldConstants", "EliminateCommonSubexpressions",
-           "EliminateDeadCode", "graphopt_register_passes"]

@@ -14,23 +14,20 @@ from graphopt.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-# Each entry: (module, class). Passes are added here as they land.
-_PASSES: list[tuple[str, str]] = [
-    ("fuse_attention", "FuseAttention"),
-    ("fuse_norms", "FuseNorms"),
-    ("fuse_activations", "FuseActivations"),
-    ("merge_gemms", "MergeGemms"),
-    ("fuse_rope", "FuseRope"),
-    ("remove_padding", "RemovePadding"),  # opt-in: changes padded outputs to 0, so not in `fuse`
-]
-
 
 @hookimpl
 def graphopt_register_passes(register):
-    import importlib
+    from graphopt_fusion.fuse_activations import FuseActivations
+    from graphopt_fusion.fuse_attention import FuseAttention
+    from graphopt_fusion.fuse_norms import FuseNorms
+    from graphopt_fusion.fuse_rope import FuseRope
+    from graphopt_fusion.merge_gemms import MergeGemms
+    from graphopt_fusion.remove_padding import (
+        RemovePadding,  # opt-in: changes padded outputs to 0, not in `fuse`
+    )
 
-    for module, cls in _PASSES:
-        register(getattr(importlib.import_module(f"graphopt_fusion.{module}"), cls))
+    for pass_cls in (FuseAttention, FuseNorms, FuseActivations, MergeGemms, FuseRope, RemovePadding):
+        register(pass_cls)
     # Order: attention first (it reads the raw q/k/v chains); norms and RoPE before merge-gemms
     # (neither cares, but their matches stay where the model code put them); merge-gemms before
     # fuse-activations so SwiGLU is counted on the merged gate/up split it will run as.

@@ -100,6 +100,7 @@ class Quantize(graphopt.Pass):
         head = o.lm_head == "quantize" or (o.lm_head == "auto" and o.scheme == "int4-weight")
         chosen, skipped = core.select(ir, linears, tuple(o.skip), tuple(o.include), lm_head=head)
         self._inputs = core.layer_inputs(ir, sets[0], chosen) if sets else {}
+        self._smooth: dict[str, torch.Tensor] = {}  # one smoothing tensor per activation (this run)
         plans = {lin.name: self._plan(lin, ir, calib, linears) for lin in chosen}
         report: list[dict[str, Any]] = []
         fallback: list[str] = []
@@ -109,7 +110,6 @@ class Quantize(graphopt.Pass):
         for name in fallback:
             plans.pop(name)
         n = core.rewrite(ir, plans, ctx.should_rewrite)
-        ir.meta.pop("_quant_smooth", None)
         if n:
             # the lowered artifact must reproduce THIS graph's numerics (integer kernels may round an
             # element to the neighbouring level: a cosine bound, not allclose); this pass bounded the
@@ -146,7 +146,7 @@ class Quantize(graphopt.Pass):
             wmax = torch.stack([attribute(ir.graph_module, g.weight_attr).detach().abs().amax(0).double()
                                 for g in group]).amax(0)
             s = (cm.clamp_min(1e-5) ** o.alpha / wmax.clamp_min(1e-5) ** (1 - o.alpha)).clamp_min(1e-5)
-            plan.smooth = _shared(ir, lin.x, s.float())
+            plan.smooth = self._smooth.setdefault(lin.x.name, s.float())  # one multiply per activation
             amax = float((cm / s).max())  # min-max of the smoothed activation (SmoothQuant's static recipe)
         plan.act_scale = max(amax, 1e-8) / core.QMAX[act]
         by = layer.get("amax_by") or {}
@@ -209,15 +209,6 @@ class Quantize(graphopt.Pass):
         if o.max_ppl_increase > 0 and "perplexity" in m and m["perplexity"] > base["perplexity"] * (1 + o.max_ppl_increase):
             return False
         return True
-
-
-def _shared(ir, x, s: torch.Tensor) -> torch.Tensor:
-    """One smoothing tensor object per activation, so the rewrite inserts one multiply."""
-    cache = ir.meta.setdefault("_quant_smooth", {})
-    key = x.name
-    if key not in cache:
-        cache[key] = s
-    return cache[key]
 
 
 def _real_tokens(ir, sets) -> list[torch.Tensor | None]:
