@@ -105,15 +105,8 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
     pm = get_plugin_manager()
     passes = resolve(pipeline, pm.passes)
     text = pipeline_text_of(pipeline, passes)
-    if isinstance(model, (str, Path)):  # a checkpoint directory or path/to/file.py:factory (model_loader)
-        from graphopt.model_loader import resolve_model_arg
-
-        model_spec = model_spec or str(model)
-        model, example_inputs, dynamic, tokenizer = resolve_model_arg(model, example_inputs, dynamic, dtype=dtype,
-                                                                      tokenizer=tokenizer, layers=layers)
-    elif dtype is not None or layers is not None:
-        raise InputError(("dtype (--dtype)" if dtype is not None else "layers (--layers)") + " applies to a model "
-                         "given as a checkpoint directory; cast or cut a module yourself (in the factory) instead")
+    model, example_inputs, dynamic, tokenizer, model_spec = _resolve_model(
+        model, example_inputs, dynamic, dtype=dtype, tokenizer=tokenizer, layers=layers, model_spec=model_spec)
     tracker = tracker or PhaseTracker(progress)
     if isinstance(model, GraphIR):
         if example_inputs is not None or dynamic is not None:
@@ -169,6 +162,22 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
     ctx.data["tokenizer"] = str(tokenizer) if tokenizer else None
     optimized = PassManager(passes, pm.hook).run(ir, ctx)
     return original, optimized, report, verifier
+
+
+def _resolve_model(model: Any, example_inputs: Any, dynamic: Any, *, dtype: Any, tokenizer: Any, layers: Any,
+                   model_spec: str | None) -> tuple[Any, Any, Any, Any, str | None]:
+    """A checkpoint directory or ``path/to/file.py:factory`` loaded (graphopt.model_loader); any
+    other model as it is, where ``dtype`` and ``layers`` (checkpoint options) are refused."""
+    if isinstance(model, (str, Path)):
+        from graphopt.model_loader import resolve_model_arg
+
+        model_spec = model_spec or str(model)
+        model, example_inputs, dynamic, tokenizer = resolve_model_arg(model, example_inputs, dynamic, dtype=dtype,
+                                                                      tokenizer=tokenizer, layers=layers)
+    elif dtype is not None or layers is not None:
+        raise InputError(("dtype (--dtype)" if dtype is not None else "layers (--layers)") + " applies to a model "
+                         "given as a checkpoint directory; cast or cut a module yourself (in the factory) instead")
+    return model, example_inputs, dynamic, tokenizer, model_spec
 
 
 def check_arguments(**args: Any) -> None:
@@ -253,15 +262,8 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
                     target_options=target_options, memory_check=memory_check)
     backend = pm.backend(target)  # unknown target → error before any work
     passes = resolve(pipeline, pm.passes)  # unknown pass/option → error before capture
-    if isinstance(model, (str, Path)):  # a checkpoint directory or path/to/file.py:factory (model_loader)
-        from graphopt.model_loader import resolve_model_arg
-
-        model_spec = model_spec or str(model)
-        model, example_inputs, dynamic, tokenizer = resolve_model_arg(model, example_inputs, dynamic, dtype=dtype,
-                                                                      tokenizer=tokenizer, layers=layers)
-    elif dtype is not None or layers is not None:
-        raise InputError(("dtype (--dtype)" if dtype is not None else "layers (--layers)") + " applies to a model "
-                         "given as a checkpoint directory; cast or cut a module yourself (in the factory) instead")
+    model, example_inputs, dynamic, tokenizer, model_spec = _resolve_model(
+        model, example_inputs, dynamic, dtype=dtype, tokenizer=tokenizer, layers=layers, model_spec=model_spec)
     tracker = PhaseTracker(progress)
     estimate = None
     if not isinstance(model, GraphIR):

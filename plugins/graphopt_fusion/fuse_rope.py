@@ -50,7 +50,7 @@ from graphopt import Pass, PassContext, PassResult
 from graphopt.ir import GraphIR
 from graphopt.verify import reference
 
-from . import ops  # noqa: F401  (registers torch.ops.graphopt.rotary_embedding and its ONNX translations)
+from . import ops  # noqa: F401  (registers torch.ops.graphopt.rotary_embedding with torch)
 from .patterns import (
     arg,
     aten,
