@@ -37,7 +37,10 @@ peaks from it. RSS counts the resident pages of memory-mapped weight files too.
 Floor (decode): per token, bytes read = every linear weight once (embedding tables excepted, a
 tied lm_head counted) + the KV cache so far; fp32 weights for the fp32 group, 4 bits plus one fp32
 scale per 32 weights for the int4 group; floor tokens/s = measured memory bandwidth / those bytes
-(``bench/floor.py``), compute checked too.
+(``bench/floor.py``), compute checked too. The rates are measured in the decode process itself,
+before and after its timed rounds (the best of the two): on this VM the memory bandwidth measured
+at the start of a run and ten minutes later differed by 1.7x (53.9 vs 31.6 GB/s), so a floor from
+another minute than the timing would say more about the host than about the systems.
 
 Workers: ``python -m bench.cases.scale TASK SPEC.json RESULT.json`` (tasks ``write``, ``load``,
 ``export``, ``decode``); the parent only orchestrates, so it stays small.
@@ -402,11 +405,6 @@ def run_model(ctx: BenchContext, p: Params, name: str, result: CaseResult, rates
         if group != "fp32" and not systems:
             continue  # nothing int4 was built: the fp32 group already times the baseline
         gname = f"{name} · {group}"
-        try:
-            floor = decode_floor(info, config, p.prompt_len, p.new_tokens, rates, int4=group == "int4")
-        except Exception as e:  # a floor is a bonus, never a failure
-            floor = None
-            result.notes.append(f"{gname}: no floor ({type(e).__name__}: {e})")
         out = _decode(ctx, p, name, group, [hf] + systems, prompt, logs, env, warmup, iters, result)
         if out is None and len(systems) > 1:
             # the group did not fit (or failed) loaded together: each system with the baseline alone
@@ -417,9 +415,25 @@ def run_model(ctx: BenchContext, p: Params, name: str, result: CaseResult, rates
                 if part:
                     merged["systems"] += [x for x in part["systems"] if x["name"] != HF_BASELINE or i == 0]
                     merged["notes"] += part["notes"] + [f"{s['name']} timed in its own process with the baseline"]
+                    merged.setdefault("rates", []).extend(part.get("rates") or [])
             out = merged if merged["systems"] else None
         if not out:
             continue
+        # the floor from the rates the decode process measured beside its timed rounds (this VM's
+        # memory bandwidth moves by up to 1.7x between minutes; the run's first measurement is kept
+        # in the notes); the run's rates where the process measured none
+        local = _decode_rates(out)
+        try:
+            floor = decode_floor(info, config, p.prompt_len, p.new_tokens, local or rates, int4=group == "int4")
+        except Exception as e:  # a floor is a bonus, never a failure
+            floor = None
+            result.notes.append(f"{gname}: no floor ({type(e).__name__}: {e})")
+        if floor and local:
+            floor["rates"] = local
+            result.notes.append(
+                f"{gname}: floor from the decode process's rates (best of its measurements before and after the timed "
+                f"rounds): memory read {local['mem_bw'] / 1e9:.1f} GB/s, GEMM {local['gemm_flops'] / 1e9:.1f} GFLOP/s "
+                f"(the run's first measurement: {rates['mem_bw'] / 1e9:.1f} GB/s, {rates['gemm_flops'] / 1e9:.1f} GFLOP/s)")
         for s in out["systems"]:
             sr = SystemResult(**{**s, "group": gname})
             if sr.samples_s:
@@ -450,6 +464,18 @@ def _decode(ctx: BenchContext, p: Params, name: str, group: str, systems: list[d
     if proc.ok and not out.get("systems"):
         row.update(status="failed", note="the decode process wrote no results")
     return out if proc.ok and out.get("systems") else None
+
+
+def _decode_rates(out: dict[str, Any]) -> dict[str, Any] | None:
+    """The highest memory bandwidth and GEMM rate a decode process measured (before and after its
+    timed rounds), as one rates dict; None when it measured none."""
+    measured = [r for r in out.get("rates") or [] if r]
+    if not measured:
+        return None
+    best = dict(max(measured, key=lambda r: r["mem_bw"]))
+    best["gemm_flops"] = max(r["gemm_flops"] for r in measured)
+    best["measurements"] = [{"mem_bw": r["mem_bw"], "gemm_flops": r["gemm_flops"]} for r in measured]
+    return best
 
 
 def _tps(xs: list[float]) -> dict[str, float]:
@@ -751,8 +777,12 @@ def task_decode(spec: dict[str, Any]) -> dict[str, Any]:
             def build(s: dict = s) -> System:
                 return _genai_system(s["name"], s["path"], spec["prompt"], n, threads)
         candidates.append(Candidate(s["name"], build, s["kind"]))
+    from bench.floor import measure_rates
+
+    before = measure_rates()
     systems, notes = run_latency(ctx, candidates, quality=agreement, warmup=spec["warmup"], iters=spec["iters"])
-    return {"systems": [dataclasses.asdict(s) for s in systems], "notes": notes}
+    after = measure_rates()
+    return {"systems": [dataclasses.asdict(s) for s in systems], "notes": notes, "rates": [before, after]}
 
 
 TASKS = {"write": task_write, "load": task_load, "export": task_export}
