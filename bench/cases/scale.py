@@ -37,10 +37,12 @@ peaks from it. RSS counts the resident pages of memory-mapped weight files too.
 Floor (decode): per token, bytes read = every linear weight once (embedding tables excepted, a
 tied lm_head counted) + the KV cache so far; fp32 weights for the fp32 group, 4 bits plus one fp32
 scale per 32 weights for the int4 group; floor tokens/s = measured memory bandwidth / those bytes
-(``bench/floor.py``), compute checked too. The rates are measured in the decode process itself,
-before and after its timed rounds (the best of the two): on this VM the memory bandwidth measured
-at the start of a run and ten minutes later differed by 1.7x (53.9 vs 31.6 GB/s), so a floor from
-another minute than the timing would say more about the host than about the systems.
+(``bench/floor.py``), compute checked too. The bandwidth is read in the decode process itself, by
+a probe (sum of 512 MiB, best of 3) that takes its turn in every interleaved round, and each
+round's time is divided by the floor at that round's reading: on this VM the bandwidth moved from
+30.8 to 57.7 GB/s within one run, and both ONNX Runtime systems' fp32 decode moved with it (6.0
+to 8.3 tokens/s for the 1B shape), so a floor from another minute than the timing would say more
+about the host than about the systems.
 
 Workers: ``python -m bench.cases.scale TASK SPEC.json RESULT.json`` (tasks ``write``, ``load``,
 ``export``, ``decode``); the parent only orchestrates, so it stays small.
@@ -102,6 +104,7 @@ MODELS = {"tiny": ("tiny Qwen2 (2 layers, hidden 64)", TINY),
           "llama8b": ("Llama-3.1-8B shape", LLAMA31_8B)}
 
 HF_BASELINE = "HF generate (KV cache)"
+PROBE, PROBE_BYTES = "memory-bandwidth probe", 512 * 2**20
 INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 32  # 4 bits + one fp32 scale per block of 32
 
 
@@ -423,22 +426,30 @@ def run_model(ctx: BenchContext, p: Params, name: str, result: CaseResult, rates
         # memory bandwidth moves by up to 1.7x between minutes; the run's first measurement is kept
         # in the notes); the run's rates where the process measured none
         local = _decode_rates(out)
+        bws = out.get("round_bandwidth") or []
         try:
             floor = decode_floor(info, config, p.prompt_len, p.new_tokens, local or rates, int4=group == "int4")
+            # round i's floor: at the bandwidth the probe read in round i
+            round_floors = [decode_floor(info, config, p.prompt_len, p.new_tokens, {**(local or rates), "mem_bw": bw},
+                                         int4=group == "int4")["time_s"] for bw in bws]
         except Exception as e:  # a floor is a bonus, never a failure
-            floor = None
+            floor, round_floors = None, []
             result.notes.append(f"{gname}: no floor ({type(e).__name__}: {e})")
         if floor and local:
             floor["rates"] = local
+            floor["round_bandwidth"] = bws
             result.notes.append(
-                f"{gname}: floor from the decode process's rates (best of its measurements before and after the timed "
-                f"rounds): memory read {local['mem_bw'] / 1e9:.1f} GB/s, GEMM {local['gemm_flops'] / 1e9:.1f} GFLOP/s "
-                f"(the run's first measurement: {rates['mem_bw'] / 1e9:.1f} GB/s, {rates['gemm_flops'] / 1e9:.1f} GFLOP/s)")
+                f"{gname}: × floor per round: each round's time over the floor at the memory bandwidth a probe "
+                f"(sum of {PROBE_BYTES >> 20} MiB, best of 3) read in the same round: "
+                + ", ".join(f"{b / 1e9:.1f}" for b in bws) + " GB/s (the run's first reading: "
+                f"{rates['mem_bw'] / 1e9:.1f} GB/s); the Floor line uses the median round")
         for s in out["systems"]:
             sr = SystemResult(**{**s, "group": gname})
             if sr.samples_s:
                 sr.throughput = {"unit": "tokens/s", **_tps([p.new_tokens / t for t in sr.samples_s])}
-                if floor:
+                if floor and len(round_floors) == len(sr.samples_s):
+                    sr.floor_ratio = summarize([t / f for t, f in zip(sr.samples_s, round_floors)])
+                elif floor:
                     sr.floor_ratio = summarize([t / floor["time_s"] for t in sr.samples_s])
             result.systems.append(sr)
         result.notes += [f"{gname}: {n}" for n in out["notes"]]
@@ -467,15 +478,17 @@ def _decode(ctx: BenchContext, p: Params, name: str, group: str, systems: list[d
 
 
 def _decode_rates(out: dict[str, Any]) -> dict[str, Any] | None:
-    """The highest memory bandwidth and GEMM rate a decode process measured (before and after its
-    timed rounds), as one rates dict; None when it measured none."""
+    """The rates a decode process measured: its GEMM rate, and the median of the memory bandwidth
+    its probe read round by round; None when it measured none."""
     measured = [r for r in out.get("rates") or [] if r]
     if not measured:
         return None
-    best = dict(max(measured, key=lambda r: r["mem_bw"]))
-    best["gemm_flops"] = max(r["gemm_flops"] for r in measured)
-    best["measurements"] = [{"mem_bw": r["mem_bw"], "gemm_flops": r["gemm_flops"]} for r in measured]
-    return best
+    rates = dict(measured[0])
+    rates["gemm_flops"] = max(r["gemm_flops"] for r in measured)
+    bws = sorted(out.get("round_bandwidth") or [])
+    if bws:
+        rates["mem_bw"] = bws[len(bws) // 2]
+    return rates
 
 
 def _tps(xs: list[float]) -> dict[str, float]:
@@ -779,10 +792,26 @@ def task_decode(spec: dict[str, Any]) -> dict[str, Any]:
         candidates.append(Candidate(s["name"], build, s["kind"]))
     from bench.floor import measure_rates
 
-    before = measure_rates()
-    systems, notes = run_latency(ctx, candidates, quality=agreement, warmup=spec["warmup"], iters=spec["iters"])
-    after = measure_rates()
-    return {"systems": [dataclasses.asdict(s) for s in systems], "notes": notes, "rates": [before, after]}
+    # a memory-bandwidth probe runs in every round beside the systems, so each round's timings go
+    # with the bandwidth of that round (this VM's moves by up to 1.9x from one minute to the next)
+    buf, readings = torch.ones(PROBE_BYTES // 4), []
+
+    def probe() -> None:
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            buf.sum()
+            best = min(best, time.perf_counter() - t0)
+        readings.append(PROBE_BYTES / best)
+
+    candidates.append(Candidate(PROBE, lambda: System(PROBE, probe, kind=PEER, extract=lambda _: None), PEER))
+    rates = measure_rates()  # the GEMM rate (and a first bandwidth reading)
+    systems, notes = run_latency(ctx, candidates, iters=spec["iters"], warmup=spec["warmup"],
+                                 quality=lambda ref, out: {} if out is None else agreement(ref, out))
+    # readings: one when the probe was built, then one per warm-up and timed round
+    timed = readings[len(readings) - len(next(s for s in systems if s.name == PROBE).samples_s or []):]
+    return {"systems": [dataclasses.asdict(s) for s in systems if s.name != PROBE], "notes": notes,
+            "rates": [rates], "round_bandwidth": timed}
 
 
 TASKS = {"write": task_write, "load": task_load, "export": task_export}
