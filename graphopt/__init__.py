@@ -8,26 +8,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from graphopt import verify
+from graphopt import errors, verify
 from graphopt.backends.base import Backend, Lowered, Runner
 from graphopt.capture import capture
 from graphopt.compiler import Artifact, compile, optimize  # noqa: E402  (needs the names above)
-from graphopt.errors import (
-    ArtifactError,
-    BackendError,
-    CaptureError,
-    ChecksumError,
-    GraphoptError,
-    InputError,
-    PassError,
-    PassOptionError,
-    PipelineError,
-    PluginError,
-    ResourceError,
-    UnknownBackendError,
-    UnknownPassError,
-    VerificationError,
-)
+from graphopt.errors import *  # noqa: F403  (every exception class: graphopt.errors.__all__)
 from graphopt.hookspecs import hookimpl
 from graphopt.ir.graph_ir import GraphIR, TensorSpec
 from graphopt.passes.base import Pass, PassContext, PassResult
@@ -37,8 +22,5 @@ from graphopt.runtime.engine import Engine, load  # noqa: E402
 __all__ = [
     "__version__", "verify", "capture", "compile", "optimize", "load", "Artifact", "Engine",
     "GraphIR", "TensorSpec", "Pass", "PassContext", "PassResult", "Backend", "Lowered", "Runner",
-    "hookimpl", "get_plugin_manager",
-    "GraphoptError", "ArtifactError", "BackendError", "CaptureError", "ChecksumError", "InputError",
-    "PassError", "PassOptionError", "PipelineError", "PluginError", "ResourceError", "UnknownBackendError",
-    "UnknownPassError", "VerificationError",
+    "hookimpl", "get_plugin_manager", *errors.__all__,
 ]

@@ -276,7 +276,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
     pm = get_plugin_manager()
     rows = []
     for name in sorted(pm.passes.passes):
-        info = pm.passes.passes[name]
+        info = pm.passes.get(name)
         rows.append({"name": name, "plugin": info.plugin, "summary": info.cls.summary(),
                      "options": describe_options(info.cls),
                      "verification": (info.cls.verification.label() if info.cls.verification else "allclose (default)")})
@@ -438,6 +438,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_VERIFY
 
 
+# the longer help texts of two commands
+CHECK_TEXT = {
+    "description": "Check FILE.onnx (or an artifact directory holding model.onnx) against a TensorRT release without "
+                   "TensorRT or a GPU: operator support per version, Q/DQ rules, precision flags removed in TensorRT "
+                   "11, optimization profiles, IR/opset range. Every finding names the node and the fix.",
+    "epilog": "exit codes: 0 no errors (warnings allowed), 1 errors found, 2 usage or input error.\n"
+              "A build.json next to FILE is read for builder flags and profiles unless --build-config is given.\n"
+              "example: graphopt check --target tensorrt=10.15 build/llama-trt/model.onnx"}
+BUILD_ENGINE_TEXT = {
+    "description": "Complete an artifact compiled with --target tensorrt where TensorRT or a GPU was missing: build "
+                   "model.plan from its model.onnx and build.json (engine cache keyed by the ONNX bytes, every builder "
+                   "setting, the TensorRT version and the GPU's compute capability; timing cache reused), run it on "
+                   "the stored example inputs against the original module's outputs, and replace the artifact "
+                   "atomically.",
+    "epilog": "exit codes: 0 built (or already present), 1 the engine does not reproduce the module,\n"
+              "2 TensorRT or a GPU missing, or not a tensorrt artifact.\nexample: graphopt build-engine build/llama-trt"}
+
+
 # -- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     import graphopt
@@ -570,15 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bisect)
 
     ck = sub.add_parser("check", help="static TensorRT compatibility report of an ONNX file",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Check FILE.onnx (or an artifact directory holding model.onnx) against a TensorRT "
-                                    "release without TensorRT or a GPU: operator support per version, Q/DQ rules, "
-                                    "precision flags removed in TensorRT 11, optimization profiles, IR/opset range. "
-                                    "Every finding names the node and the fix.",
-                        epilog="exit codes: 0 no errors (warnings allowed), 1 errors found, 2 usage or input error.\n"
-                               "A build.json next to FILE is read for builder flags and profiles unless "
-                               "--build-config is given.\nexample: graphopt check --target tensorrt=10.15 "
-                               "build/llama-trt/model.onnx")
+                        formatter_class=argparse.RawDescriptionHelpFormatter, **CHECK_TEXT)
     ck.add_argument("file", metavar="FILE.onnx", help="ONNX model, or an artifact directory with model.onnx")
     ck.add_argument("--target", default="tensorrt", metavar="tensorrt[=VERSION]",
                     help="TensorRT release to check against, e.g. tensorrt=10.15 or tensorrt=11 "
@@ -590,15 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.set_defaults(func=cmd_check)
 
     be = sub.add_parser("build-engine", help="build the TensorRT engine of a --target tensorrt artifact (GPU node)",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Complete an artifact compiled with --target tensorrt where TensorRT or a GPU was "
-                                    "missing: build model.plan from its model.onnx and build.json (engine cache keyed "
-                                    "by the ONNX bytes, every builder setting, the TensorRT version and the GPU's "
-                                    "compute capability; timing cache reused), run it on the stored example inputs "
-                                    "against the original module's outputs, and replace the artifact atomically.",
-                        epilog="exit codes: 0 built (or already present), 1 the engine does not reproduce the module,\n"
-                               "2 TensorRT or a GPU missing, or not a tensorrt artifact.\n"
-                               "example: graphopt build-engine build/llama-trt")
+                        formatter_class=argparse.RawDescriptionHelpFormatter, **BUILD_ENGINE_TEXT)
     be.add_argument("dir", help="artifact directory (compiled with --target tensorrt)")
     be.add_argument("--cache-dir", metavar="DIR", help="engine cache (default $GRAPHOPT_TRT_CACHE or "
                     "~/.cache/graphopt/tensorrt)")

@@ -109,11 +109,7 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
         model, example_inputs, dynamic, dtype=dtype, tokenizer=tokenizer, layers=layers, model_spec=model_spec)
     tracker = tracker or PhaseTracker(progress)
     if isinstance(model, GraphIR):
-        if example_inputs is not None or dynamic is not None:
-            hint = (f"; {example_inputs!r} looks like a pipeline: pass pipeline={example_inputs!r}"
-                    if isinstance(example_inputs, str) else "")
-            raise InputError("a captured GraphIR carries its example inputs and dynamic dims: pass neither "
-                             f"example_inputs nor dynamic with it{hint}")
+        _refuse_inputs_with_graph(example_inputs, dynamic)
         ir = model
     else:
         dynamic, notes = plan_dynamic(model, example_inputs, dynamic, passes)
@@ -162,6 +158,15 @@ def optimize(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", 
     ctx.data["tokenizer"] = str(tokenizer) if tokenizer else None
     optimized = PassManager(passes, pm.hook).run(ir, ctx)
     return original, optimized, report, verifier
+
+
+def _refuse_inputs_with_graph(example_inputs: Any, dynamic: Any) -> None:
+    """A captured GraphIR carries its own example inputs and dynamic dims: refuse others beside it."""
+    if example_inputs is not None or dynamic is not None:
+        hint = (f"; {example_inputs!r} looks like a pipeline: pass pipeline={example_inputs!r}"
+                if isinstance(example_inputs, str) else "")
+        raise InputError("a captured GraphIR carries its example inputs and dynamic dims: pass neither "
+                         f"example_inputs nor dynamic with it{hint}")
 
 
 def _resolve_model(model: Any, example_inputs: Any, dynamic: Any, *, dtype: Any, tokenizer: Any, layers: Any,
@@ -269,11 +274,7 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
     if not isinstance(model, GraphIR):
         estimate = check_memory(model, passes, verify=verify, target=target, enabled=memory_check)
     if isinstance(model, GraphIR):
-        if example_inputs is not None or dynamic is not None:
-            hint = (f"; {example_inputs!r} looks like a pipeline: pass pipeline={example_inputs!r}"
-                    if isinstance(example_inputs, str) else "")
-            raise InputError("a captured GraphIR carries its example inputs and dynamic dims: pass neither "
-                             f"example_inputs nor dynamic with it{hint}")
+        _refuse_inputs_with_graph(example_inputs, dynamic)
         ir = model
         captured_outputs = None  # a graph given as it is may have been rewritten since its capture
     else:

@@ -8,6 +8,10 @@ and every other :class:`GraphoptError` to exit code 2.
 
 from __future__ import annotations
 
+__all__ = ["GraphoptError", "ArtifactError", "BackendError", "CaptureError", "ChecksumError", "InputError",
+           "ModelLoadError", "PassError", "PassOptionError", "PipelineError", "PluginError", "ResourceError",
+           "RuntimeFailure", "UnknownBackendError", "UnknownPassError", "VerificationError"]
+
 
 class GraphoptError(Exception):
     """Base class of every error graphopt raises on purpose."""

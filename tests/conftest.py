@@ -52,6 +52,27 @@ def optimize_verified(module, inputs, pipeline: str, dynamic=None):
     return original, optimized, report.passes[-1]["stats"]
 
 
+def run_in_threads(n: int, fn) -> None:
+    """``fn(i)`` for ``i`` in ``range(n)``, each in its own thread, all started before any is
+    joined; an exception in any of them fails the caller (the first three are shown)."""
+    import threading
+
+    errors = []
+
+    def wrap(i):
+        try:
+            fn(i)
+        except BaseException as e:  # surfaced by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
 def split_inputs(example_inputs):
     """``(args, kwargs)`` from a factory's tuple-or-dict example inputs."""
     if isinstance(example_inputs, dict):

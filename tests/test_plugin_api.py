@@ -109,3 +109,15 @@ def test_builtin_custom_ops_are_lowered_through_their_plugins_hook(plugin):
 
     info = get_plugin_manager().plugins[plugin]
     assert info.status == "ok" and info.onnx_translations, info
+
+
+def test_pass_result_after_rewrites():
+    ir = graphopt.capture(torch.nn.Linear(4, 4).eval(), (torch.randn(2, 4),))
+    calls = []
+    ir.recompile = lambda: calls.append(1) or ir  # what the helper must call when the graph changed
+    r = graphopt.PassResult.after_rewrites(ir, {"fused": 0, "seen": 3.5, "flag": True})
+    assert r.changed and r.stats == {"fused": 0, "seen": 3.5, "flag": True} and calls == [1]
+    r = graphopt.PassResult.after_rewrites(ir, {"fused": 0, "flag": True})  # a bool is not a count
+    assert not r.changed and calls == [1]
+    r = graphopt.PassResult.after_rewrites(ir, {"fused": 2}, changed=False)  # the pass's own word wins
+    assert not r.changed and r.ir is ir and calls == [1]

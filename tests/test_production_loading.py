@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 import graphopt
 from graphopt.errors import ArtifactError, InputError
+from tests.conftest import run_in_threads
 from tests.production_artifacts import nanogpt_artifact
 
 SERVE = Path(__file__).resolve().parent.parent / "samples" / "03_production_loading" / "serve.py"
@@ -34,23 +34,6 @@ def onnx_engine():
     return graphopt.load(nanogpt_artifact("plain"), threads=1)
 
 
-def _run_threads(n, fn):
-    errors = []
-
-    def wrap(i):
-        try:
-            fn(i)
-        except BaseException as e:  # surfaced by the assertion below
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[:3]
-
-
 def test_8_threads_x_100_direct_calls_identical_to_single_thread(onnx_engine, serve):
     """The literal requirement: 8 threads x 100 requests on the ONNX Runtime artifact, no error,
     outputs bit-identical to a single-threaded run of the same requests."""
@@ -62,7 +45,7 @@ def test_8_threads_x_100_direct_calls_identical_to_single_thread(onnx_engine, se
         for i in range(c * 100, (c + 1) * 100):
             got[i] = onnx_engine(**reqs[i])
 
-    _run_threads(8, client)
+    run_in_threads(8, client)
     assert all(g is not None and torch.equal(g, w) for g, w in zip(got, reference))
     # the requests differ, so identical outputs are not a constant answer
     assert not torch.equal(reference[0], reference[1])
@@ -120,7 +103,7 @@ def test_torch_artifact_from_threads(serve):
         for i in range(c * 16, (c + 1) * 16):
             got[i] = engine(**reqs[i])
 
-    _run_threads(4, client)
+    run_in_threads(4, client)
     assert all(torch.equal(g, w) for g, w in zip(got, reference))
 
 
@@ -158,7 +141,7 @@ def test_torch_program_that_mutates_buffers_is_serialized(tmp_path):
         for _ in range(50):
             seen.append(float(runner.run([torch.ones(2)])[0][0]))
 
-    _run_threads(8, client)
+    run_in_threads(8, client)
     # every call saw its own increment: 1..400 each exactly once (a race would repeat or skip values)
     assert sorted(seen) == [float(i) for i in range(1, 401)]
 
@@ -176,6 +159,6 @@ def test_concurrent_generation_matches_sequential():
         for _ in range(3):
             got[i] = engine.generate(prompts[i], max_new_tokens=12)
 
-    _run_threads(len(prompts), client)
+    run_in_threads(len(prompts), client)
     assert all(torch.equal(g, w) for g, w in zip(got, reference))
     assert len({tuple(r[0, -12:].tolist()) for r in reference}) > 1  # not one constant continuation

@@ -86,7 +86,23 @@ def node_dtype(node: torch.fx.Node) -> torch.dtype | None:
     return getattr(val, "dtype", None)
 
 
-class GraphIR:
+class NamedIO:
+    """What has ``inputs`` and ``outputs`` as :class:`TensorSpec` lists (a graph, a loaded engine):
+    their names, in order."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
+
+
+class GraphIR(NamedIO):
     """A captured model: ``graph_module`` (flat tensors in, flat tuple out) plus its interface.
 
     Attributes:
@@ -123,14 +139,6 @@ class GraphIR:
     @property
     def graph(self) -> torch.fx.Graph:
         return self.graph_module.graph
-
-    @property
-    def input_names(self) -> list[str]:
-        return [s.name for s in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [s.name for s in self.outputs]
 
     @property
     def dynamic(self) -> dict[str, dict[int, tuple[int, int]]]:

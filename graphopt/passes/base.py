@@ -49,6 +49,17 @@ class PassResult:
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def after_rewrites(cls, ir: GraphIR, stats: dict[str, Any], changed: bool | None = None) -> PassResult:
+        """The result of a pass that rewrote ``ir.graph`` in place: the graph recompiled when
+        anything changed (``changed``, by default: any positive count in ``stats``), the counts as
+        the report's stats."""
+        if changed is None:
+            changed = any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in stats.values())
+        if changed:
+            ir.recompile()
+        return cls(ir, bool(changed), dict(stats))
+
 
 @dataclass
 class NoOptions:

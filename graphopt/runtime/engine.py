@@ -21,7 +21,7 @@ import torch
 
 from graphopt.artifact import read_manifest, verify_checksums
 from graphopt.errors import ArtifactError, InputError, UnknownBackendError
-from graphopt.ir.graph_ir import TensorSpec, dtype_from_name
+from graphopt.ir.graph_ir import NamedIO, TensorSpec, dtype_from_name
 from graphopt.ir.structure import unflatten
 from graphopt.runtime.arrays import ML_DTYPES, from_stored
 
@@ -30,7 +30,7 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float6
               **ML_DTYPES}  # bfloat16 as ml_dtypes' numpy dtype (numpy has none); runners read it bit for bit
 
 
-class Engine:
+class Engine(NamedIO):
     """A loaded artifact. ``engine(*inputs, **kw_inputs)`` returns the original module's outputs
     (tensor / tuple / dict) as torch tensors. Thread-safe for concurrent calls."""
 
@@ -45,14 +45,6 @@ class Engine:
     @property
     def target(self) -> str:
         return self.manifest["target"]
-
-    @property
-    def input_names(self) -> list[str]:
-        return [s.name for s in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [s.name for s in self.outputs]
 
     def __repr__(self) -> str:
         ins = ", ".join(str(s) for s in self.inputs)

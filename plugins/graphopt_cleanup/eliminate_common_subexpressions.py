@@ -27,7 +27,6 @@ such, without an fp64 run, and the report says so.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -39,8 +38,6 @@ from graphopt.ir import GraphIR, op_name
 from graphopt.verify import reference
 
 from .remove_noops import OpOverload
-
-log = logging.getLogger(__name__)
 
 
 class _Unhashable(Exception):
@@ -114,7 +111,4 @@ class EliminateCommonSubexpressions(Pass):
             node.replace_all_uses_with(rep)
             ir.graph.erase_node(node)
             merged += 1
-        if merged:
-            ir.recompile()
-            log.debug("eliminate-common-subexpressions: merged %d nodes", merged)
-        return PassResult(ir, merged > 0, {"merged": merged})
+        return PassResult.after_rewrites(ir, {"merged": merged})

@@ -22,16 +22,12 @@ drop, not this pass's). Dead nodes are erased users-first (reverse topological o
 
 from __future__ import annotations
 
-import logging
-
 import torch.fx
 
 from graphopt import Pass, PassContext, PassResult
 from graphopt.fx import live_nodes
 from graphopt.ir import GraphIR, op_name
 from graphopt.verify import exact
-
-log = logging.getLogger(__name__)
 
 
 def _has_side_effects(node: torch.fx.Node) -> bool:
@@ -55,7 +51,4 @@ class EliminateDeadCode(Pass):
                 continue
             ir.graph.erase_node(node)
             removed += 1
-        if removed:
-            ir.recompile()
-            log.debug("eliminate-dead-code: removed %d nodes", removed)
-        return PassResult(ir, removed > 0, {"removed": removed})
+        return PassResult.after_rewrites(ir, {"removed": removed})

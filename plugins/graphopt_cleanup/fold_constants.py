@@ -187,7 +187,4 @@ class FoldConstants(Pass):
         for node in reversed(list(values)):
             if node in used_before and not node.users:
                 graph.erase_node(node)
-        if folded:
-            ir.recompile()
-            log.debug("fold-constants: folded %d nodes, %d bytes added", folded, bytes_added)
-        return PassResult(ir, folded > 0, {"folded": folded, "bytes_added": bytes_added})
+        return PassResult.after_rewrites(ir, {"folded": folded, "bytes_added": bytes_added}, changed=folded > 0)

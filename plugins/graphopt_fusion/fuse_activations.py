@@ -190,6 +190,10 @@ RULES: list[Rule] = [
          lambda g, x: g.call_function(aten.silu.default, (x,))),
 ]
 
+#: the rules by the op at the root of their pattern; the activations they fuse into
+RULES_BY_OP = {rule.f: [r for r in RULES if r.f is rule.f] for rule in RULES}
+ACTIVATIONS = (aten.gelu, aten.silu)
+
 
 @dataclass
 class Match:
@@ -295,9 +299,6 @@ def gated_unit(node: Node) -> str | None:
     return None
 
 
-ACTIVATIONS = (aten.gelu, aten.silu)
-
-
 class FuseActivations(Pass):
     """Fuse GELU (erf and tanh forms) and SiLU written as arithmetic into aten.gelu / aten.silu."""
 
@@ -308,12 +309,11 @@ class FuseActivations(Pass):
         graph = ir.graph
         stats: dict[str, int] = {rule.kind: 0 for rule in RULES}
         stats["canonical"] = sum(1 for n in graph.nodes if packet(n) in ACTIVATIONS)
-        by_f = {rule.f: [r for r in RULES if r.f is rule.f] for rule in RULES}
         erased: set[Node] = set()
         for t in list(graph.nodes):
-            if t in erased or packet(t) not in by_f:
+            if t in erased or packet(t) not in RULES_BY_OP:
                 continue  # erased by an earlier rewrite, or not a transcendental op
-            found = next((ms for ms in (matches(r, t) for r in by_f[packet(t)]) if ms), [])
+            found = next((ms for ms in (matches(r, t) for r in RULES_BY_OP[packet(t)]) if ms), [])
             for m in found:
                 if m.root in erased or not ctx.should_rewrite(
                         f"fuse {m.rule.kind} at {m.root.name} (input {m.x.name})"):
@@ -333,6 +333,4 @@ class FuseActivations(Pass):
             if kind is not None:
                 stats[kind] += 1
         changed = any(stats[rule.kind] for rule in RULES)
-        if changed:
-            ir.recompile()
-        return PassResult(ir, changed, stats)
+        return PassResult.after_rewrites(ir, stats, changed)

@@ -632,10 +632,7 @@ class FuseAttention(Pass):
             else:
                 continue
             stats["gqa"] += c.enable_gqa
-        if changed:
-            ir.recompile()
-            log.debug("fuse-attention: %s", stats)
-        return PassResult(ir, changed, stats)
+        return PassResult.after_rewrites(ir, stats, changed)
 
     @staticmethod
     def _rewrite(graph: torch.fx.Graph, m: Match, c: Canonical) -> set[torch.fx.Node]:

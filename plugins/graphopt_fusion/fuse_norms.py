@@ -261,20 +261,21 @@ def _extend(norm: Norm) -> None:
             norm.x, norm.root = src, user
             norm.inner.append(user)
     dtype = tensor_val(norm.root).dtype if tensor_val(norm.root) is not None else None
+    _absorb(norm, aten.mul, "weight", dtype)
+    if norm.kind == "layer_norm":
+        _absorb(norm, aten.add, "bias", dtype)
+
+
+def _absorb(norm: Norm, op: Any, field: str, dtype: Any) -> None:
+    """When the norm's only user is ``root <op> t`` with ``t`` of the normalized shape and the
+    norm's dtype, take ``t`` as the norm's ``field`` (weight or bias) and the user as its root."""
     user = only_user(norm.root)
-    for y, w in operands(user, aten.mul):
-        if y is norm.root and _has_shape(w, norm.shape) and tensor_val(w).dtype == dtype and tensor_val(norm.x).dtype == dtype:
-            norm.weight, norm.root = w, user
+    for y, t in operands(user, op):
+        if y is norm.root and _has_shape(t, norm.shape) and tensor_val(t).dtype == dtype and tensor_val(norm.x).dtype == dtype:
+            setattr(norm, field, t)
+            norm.root = user
             norm.inner.append(user)
-            break
-    if norm.kind != "layer_norm":
-        return
-    user = only_user(norm.root)
-    for y, b in operands(user, aten.add):
-        if y is norm.root and _has_shape(b, norm.shape) and tensor_val(b).dtype == dtype and tensor_val(norm.x).dtype == dtype:
-            norm.bias, norm.root = b, user
-            norm.inner.append(user)
-            break
+            return
 
 
 def _replacement(graph: torch.fx.Graph, norm: Norm) -> Node:
@@ -326,6 +327,4 @@ class FuseNorms(Pass):
             log.debug("fuse-norms: %s %s eps=%g at %s", norm.kind, norm.shape, norm.eps, new.name)
         stats["residual_norm"] = sum(1 for n in graph.nodes if packet(n) in NORM_OPS and _is_residual(n.args[0]))
         changed = stats["rms_norm"] + stats["layer_norm"] > 0
-        if changed:
-            ir.recompile()
-        return PassResult(ir, changed, stats)
+        return PassResult.after_rewrites(ir, stats, changed)

@@ -47,22 +47,12 @@ import torch
 import torch.fx
 
 from graphopt import Pass, PassContext, PassResult
+from graphopt.fx import arg, copy_source_meta, dims, packet, tensor_val
 from graphopt.ir import GraphIR
 from graphopt.verify import reference
 
 from . import ops  # noqa: F401  (registers torch.ops.graphopt.rotary_embedding with torch)
-from .patterns import (
-    arg,
-    aten,
-    constant_scalar,
-    constant_tensor,
-    copy_source_meta,
-    dims,
-    erased_by,
-    operands,
-    packet,
-    tensor_val,
-)
+from .patterns import aten, constant_scalar, constant_tensor, erased_by, operands
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +270,4 @@ class FuseRope(Pass):
             node.replace_all_uses_with(new)
             erased |= erased_by(graph, rope.inner)
             stats["rope"] += 1
-        if stats["rope"]:
-            ir.recompile()
-        return PassResult(ir, stats["rope"] > 0, stats)
+        return PassResult.after_rewrites(ir, stats, changed=stats["rope"] > 0)

@@ -133,6 +133,5 @@ class MergeGemms(Pass):
             merged_groups += 1
             linears += len(group)
             log.debug("merge-gemms: %s -> %s", names, new.name)
-        if merged_groups:
-            ir.recompile()
-        return PassResult(ir, merged_groups > 0, {"merged_groups": merged_groups, "linears_merged": linears})
+        return PassResult.after_rewrites(ir, {"merged_groups": merged_groups, "linears_merged": linears},
+                                         changed=merged_groups > 0)

@@ -22,7 +22,7 @@ whole group, which is then left untouched and reported with the reason.
 
 Every value a pruned unit influences reaches the outputs only through the sinks' contracted
 columns, so the shrunk graph must equal the original with those columns zeroed: the pass checks
-exactly that (:func:`masked_copy`).
+exactly that (:func:`.rewrite.masked_copy`; the rewrite itself is :func:`.rewrite.apply`).
 """
 
 from __future__ import annotations
@@ -323,7 +323,9 @@ class Tracer:
     def _tag(self, a: object) -> tuple[int, int] | None:
         return self.tags.get(a) if isinstance(a, Node) else None
 
-    def _step(self, node: Node) -> None:  # noqa: C901 - one rule per op family, read top to bottom
+    def _step(self, node: Node) -> None:
+        """Follow the tracked axis through ``node``: the cases every op shares here, then its rule in
+        :data:`RULES`."""
         if node.op == "output":
             raise Blocked("reaches the graph output")
         if node.op != "call_function":
@@ -371,79 +373,10 @@ class Tracer:
             self._elementwise(node, rope_like=rope is not None and pk is rope)
             return
         cid, axis = xt if xt is not None else (None, None)
-        in_shape = shapes.of(x)
-        if pk in (aten.transpose,):
-            r = len(in_shape)
-            d0, d1 = _norm(node.args[1], r), _norm(node.args[2], r)
-            self.emit(node, [cid], d1 if axis == d0 else d0 if axis == d1 else axis)
-        elif pk is aten.t:
-            self.emit(node, [cid], 1 - axis)
-        elif pk is aten.permute:
-            perm = [_norm(d, len(in_shape)) for d in node.args[1]]
-            self.emit(node, [cid], perm.index(axis))
-        elif pk is aten.unsqueeze:
-            d = _norm(node.args[1], len(in_shape) + 1)
-            self.emit(node, [cid], axis + (1 if d <= axis else 0))
-        elif pk is aten.squeeze:
-            out = shapes.of(node)
-            dropped = [i for i in range(len(in_shape)) if i not in _kept_dims(in_shape, out)]
-            if axis in dropped:
-                raise Blocked("squeezes the pruned dim")
-            self.emit(node, [cid], axis - sum(1 for d in dropped if d < axis))
-        elif pk in _VIEWS:
-            self._view(node, cid, axis, in_shape)
-        elif pk is aten.expand:
-            out = shapes.of(node)
-            oa = axis + len(out) - len(in_shape)
-            if out[oa] != in_shape[axis]:
-                raise Blocked("expands the pruned dim")
-            self.emit(node, [cid], oa)
-            sizes = node.args[1]
-            if isinstance(sizes[oa], int) and sizes[oa] != -1:
-                self.chains[cid].shape_args.append((node, oa))
-            elif isinstance(sizes[oa], Node):
-                raise Blocked("a symbolic size on the pruned dim")
-        elif pk in _SOFTMAX:
-            if _norm(node.args[1], len(in_shape)) == axis:
-                raise Blocked("softmax over the pruned dim")
-            self.emit(node, [cid], axis)
-        elif pk in _NORMS:
-            if axis >= len(in_shape) - len(node.args[1]):
-                raise Blocked("normalizes over the pruned dim")
-            self.emit(node, [cid], axis)
-        elif pk in _REDUCE:
-            dims = node.args[1] if len(node.args) > 1 else None
-            if dims is None:
-                raise Blocked("reduces every dim")
-            dims = [_norm(d, len(in_shape)) for d in ([dims] if isinstance(dims, int) else dims)]
-            if axis in dims:
-                raise Blocked("reduces over the pruned dim")
-            keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            self.emit(node, [cid], axis if keep else axis - sum(1 for d in dims if d < axis))
-        elif pk is aten.slice:
-            d = _norm(node.args[1] if len(node.args) > 1 else 0, len(in_shape))
-            if d == axis and shapes.of(node)[axis] != in_shape[axis]:
-                raise Blocked("slices the pruned dim")
-            self.emit(node, [cid], axis)
-        elif pk in (aten.split, aten.split_with_sizes):
-            d = _norm(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), len(in_shape))
-            if d != axis:
-                self.split_tags[node] = (cid, axis, None)
-                return
-            val = node.meta.get("val")
-            sizes = [shapes.dim(v.shape[axis]) for v in val] if isinstance(val, (list, tuple)) else None
-            if not sizes:
-                raise Blocked("split without shapes")
-            self.split_tags[node] = (cid, axis, sizes)
-            self.chains[cid].splits.append(node)
-        elif pk is aten.cat:
-            self._cat(node)
-        elif pk in (aten.matmul, aten.bmm):
-            self._matmul(node)
-        elif pk is aten.scaled_dot_product_attention:
-            self._sdpa(node)
-        else:
+        rule = RULES.get(pk)
+        if rule is None:
             raise Blocked(f"{pk} is not understood by the pruner")
+        rule(self, node, cid, axis, shapes.of(x))
 
     def _elementwise(self, node: Node, rope_like: bool) -> None:
         out = self.shapes.of(node)
@@ -595,6 +528,109 @@ def _kept_dims(in_shape: list[int], out: list[int]) -> list[int]:
     return kept
 
 
+
+# -- the rules: how the tracked axis goes through each op family ----------------------------------
+# rule(tracer, node, chain id, axis of the input, the input's shape); each emits the axis of the
+# output (Tracer.emit) or raises Blocked with the reason
+
+def _transpose(tr: Tracer, node: Node, cid: int, axis: int, in_shape: list[int]) -> None:
+    d0, d1 = _norm(node.args[1], len(in_shape)), _norm(node.args[2], len(in_shape))
+    tr.emit(node, [cid], d1 if axis == d0 else d0 if axis == d1 else axis)
+
+
+def _permute(tr: Tracer, node: Node, cid: int, axis: int, in_shape: list[int]) -> None:
+    tr.emit(node, [cid], [_norm(d, len(in_shape)) for d in node.args[1]].index(axis))
+
+
+def _unsqueeze(tr: Tracer, node: Node, cid: int, axis: int, in_shape: list[int]) -> None:
+    d = _norm(node.args[1], len(in_shape) + 1)
+    tr.emit(node, [cid], axis + (1 if d <= axis else 0))
+
+
+def _squeeze(tr: Tracer, node: Node, cid: int, axis: int, in_shape: list[int]) -> None:
+    dropped = [i for i in range(len(in_shape)) if i not in _kept_dims(in_shape, tr.shapes.of(node))]
+    if axis in dropped:
+        raise Blocked("squeezes the pruned dim")
+    tr.emit(node, [cid], axis - sum(1 for d in dropped if d < axis))
+
+
+def _expand(tr: Tracer, node: Node, cid: int, axis: int, in_shape: list[int]) -> None:
+    out = tr.shapes.of(node)
+    oa = axis + len(out) - len(in_shape)
+    if out[oa] != in_shape[axis]:
+        raise Blocked("expands the pruned dim")
+    tr.emit(node, [cid], oa)
+    sizes = node.args[1]
+    if isinstance(sizes[oa], int) and sizes[oa] != -1:
+        tr.chains[cid].shape_args.append((node, oa))
+    elif isinstance(sizes[oa], Node):
+        raise Blocked("a symbolic size on the pruned dim")
+
+
+def _softmax(tr: Tracer, node: Node, cid: int, axis: int, in_shape: list[int]) -> None:
+    if _norm(node.args[1], len(in_shape)) == axis:
+        raise Blocked("softmax over the pruned dim")
+    tr.emit(node, [cid], axis)
+
+
+def _norm_layer(tr: Tracer, node: Node, cid: int, axis: int, in_shape: list[int]) -> None:
+    if axis >= len(in_shape) - len(node.args[1]):
+        raise Blocked("normalizes over the pruned dim")
+    tr.emit(node, [cid], axis)
+
+
+def _reduce(tr: Tracer, node: Node, cid: int, axis: int, in_shape: list[int]) -> None:
+    dims = node.args[1] if len(node.args) > 1 else None
+    if dims is None:
+        raise Blocked("reduces every dim")
+    dims = [_norm(d, len(in_shape)) for d in ([dims] if isinstance(dims, int) else dims)]
+    if axis in dims:
+        raise Blocked("reduces over the pruned dim")
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    tr.emit(node, [cid], axis if keep else axis - sum(1 for d in dims if d < axis))
+
+
+def _slice(tr: Tracer, node: Node, cid: int, axis: int, in_shape: list[int]) -> None:
+    d = _norm(node.args[1] if len(node.args) > 1 else 0, len(in_shape))
+    if d == axis and tr.shapes.of(node)[axis] != in_shape[axis]:
+        raise Blocked("slices the pruned dim")
+    tr.emit(node, [cid], axis)
+
+
+def _split(tr: Tracer, node: Node, cid: int, axis: int, in_shape: list[int]) -> None:
+    d = _norm(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), len(in_shape))
+    if d != axis:
+        tr.split_tags[node] = (cid, axis, None)
+        return
+    val = node.meta.get("val")
+    sizes = [tr.shapes.dim(v.shape[axis]) for v in val] if isinstance(val, (list, tuple)) else None
+    if not sizes:
+        raise Blocked("split without shapes")
+    tr.split_tags[node] = (cid, axis, sizes)
+    tr.chains[cid].splits.append(node)
+
+
+#: op family -> its rule (ops not here block their group)
+RULES = {
+    aten.transpose: _transpose,  # the two swapped dims: the axis follows the swap
+    aten.t: lambda tr, node, cid, axis, _: tr.emit(node, [cid], 1 - axis),  # 2-D transpose
+    aten.permute: _permute,  # the axis goes where the permutation puts it
+    aten.unsqueeze: _unsqueeze,  # a new dim at or before the axis shifts it by one
+    aten.squeeze: _squeeze,  # dropped size-1 dims before the axis shift it; squeezing the axis blocks
+    **dict.fromkeys(_VIEWS, lambda tr, node, cid, axis, shape: tr._view(node, cid, axis, shape)),  # regrouped dims
+    aten.expand: _expand,  # broadcast dims in front shift it; expanding the axis itself blocks
+    **dict.fromkeys(_SOFTMAX, _softmax),  # over another dim only
+    **dict.fromkeys(_NORMS, _norm_layer),  # the normalized trailing dims must not hold the axis
+    **dict.fromkeys(_REDUCE, _reduce),  # reduced dims must not hold the axis; keepdim decides the shift
+    aten.slice: _slice,  # slicing along the axis blocks, along another dim is transparent
+    aten.split: _split,  # along the axis: the pieces become the chain's segments (getitem picks one)
+    aten.split_with_sizes: _split,
+    aten.cat: lambda tr, node, *_: tr._cat(node),  # chains of the inputs meet, or their sizes add up
+    aten.matmul: lambda tr, node, *_: tr._matmul(node),  # batch dims carry it; contracting it makes a sink
+    aten.bmm: lambda tr, node, *_: tr._matmul(node),
+    aten.scaled_dot_product_attention: lambda tr, node, *_: tr._sdpa(node),  # heads axis of q/k/v/out
+}
+
 def _label(weight_name: str) -> str:
     parts = weight_name.split(".")
     if parts[-1] in ("weight", "bias"):
@@ -608,80 +644,3 @@ def trace(gm: torch.fx.GraphModule) -> list[Group]:
 
 
 # -- rewriting ---------------------------------------------------------------------------------
-def replace_constant(gm: torch.fx.GraphModule, user: Node, attr: Node, value: torch.Tensor) -> None:
-    """Make ``user`` read ``value`` where it read the ``get_attr`` ``attr``: in place when nothing else
-    reads that tensor, else through a new parameter and ``get_attr`` for this user alone."""
-    target = str(attr.target)
-    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]
-    old = get_constant(gm, attr)
-    value = value.detach().contiguous()
-    if len(readers) == 1 and set(attr.users) == {user}:
-        *parents, leaf = target.split(".")
-        mod = gm
-        for p in parents:
-            mod = getattr(mod, p)
-        if isinstance(old, torch.nn.Parameter):
-            mod._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)  # noqa: SLF001 - keep the name
-        elif leaf in getattr(mod, "_buffers", {}):
-            mod._buffers[leaf] = value  # noqa: SLF001
-        else:
-            setattr(mod, leaf, value)
-        return
-    base = target.replace(".", "_") + "_pruned"
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
-    with gm.graph.inserting_before(user):
-        new = gm.graph.get_attr(name)
-    new.meta = dict(attr.meta)
-    user.replace_input_with(attr, new)
-
-
-def apply(gm: torch.fx.GraphModule, group: Group, keep: list[int]) -> None:
-    """Shrink every weight, shape argument and split of ``group`` to the ``keep`` units."""
-    for chain in group.chains:
-        idx, segments = group.index(chain, keep)
-        new_size = sum(segments)
-        if chain.producer is not None:
-            site = chain.producer
-            w = get_constant(gm, site.weight)
-            replace_constant(gm, site.node, site.weight, w.index_select(site.out_dim, idx))
-            if site.bias is not None:
-                replace_constant(gm, site.node, site.bias, get_constant(gm, site.bias).index_select(0, idx))
-        for site in chain.sinks:
-            w = get_constant(gm, site.weight)
-            replace_constant(gm, site.node, site.weight, w.index_select(site.in_dim, idx))
-        for node, pos in chain.shape_args:
-            sizes = list(node.args[1])
-            sizes[pos] = new_size
-            node.args = (node.args[0], sizes, *node.args[2:])
-        for node in chain.splits:
-            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-            node.target = aten.split_with_sizes.default
-            node.args, node.kwargs = (node.args[0], list(segments), dim), {}
-        for user, attr, dim in chain.consts:
-            c = get_constant(gm, attr)
-            replace_constant(gm, user, attr, c.index_select(dim, idx))
-
-
-def masked_copy(gm: torch.fx.GraphModule, plan: list[tuple[Group, list[int]]]) -> torch.fx.GraphModule:
-    """A copy of ``gm`` with the sinks' columns of every removed unit zeroed: what the shrunk graph
-    must compute exactly."""
-    from graphopt.ir import copy_graph_module
-
-    masked = copy_graph_module(gm)  # weights shared; the masked sinks get new tensors below
-    names = {n.name: n for n in masked.graph.nodes}
-    for group, keep in plan:
-        dropped = [u for u in range(group.units) if u not in set(keep)]
-        if not dropped:
-            continue
-        for chain, site in group.sinks:
-            node = names[site.weight.name]
-            w = get_constant(masked, node).detach().clone()
-            cols = [i for u in dropped for i in group.unit_slices(chain)[u]]
-            w.index_fill_(site.in_dim, torch.tensor(cols, dtype=torch.long), 0.0)
-            replace_constant(masked, names[site.node.name], node, w)
-    masked.recompile()
-    return masked

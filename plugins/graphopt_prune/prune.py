@@ -42,7 +42,7 @@ from graphopt import Pass, PassContext, PassResult
 from graphopt.errors import PassError
 from graphopt.ir import GraphIR
 
-from . import dependency, importance
+from . import dependency, importance, rewrite
 from .dependency import Group
 from .policy import PruneQuality
 from .sites import Site, get_constant, sites
@@ -168,13 +168,13 @@ class Prune(Pass):
             if len(keep) < g.units and ctx.should_rewrite(f"prune {g.label}: {g.units}->{len(keep)} {g.kind}")
         ]
         check_inputs = _check_inputs(ir)
-        masked = dependency.masked_copy(gm, plan)
+        masked = rewrite.masked_copy(gm, plan)
         with torch.no_grad():
             want = [_flat(masked(*inp)) for inp in check_inputs]
         layers = {}
         for g, keep in plan:
             before = _group_params(gm, g)
-            dependency.apply(gm, g, keep)
+            rewrite.apply(gm, g, keep)
             layers[g.label] = f"{g.kind} {g.units}->{len(keep)}, params {before}->{_group_params(gm, g)}"
         gm.recompile()
         with torch.no_grad():
@@ -216,7 +216,7 @@ class Prune(Pass):
                 continue
             s = importance.weight_scores(gm, site, o.method, norms)
             mask = _mask(s, site.in_dim, o.structure, o.method, o.amount)
-            dependency.replace_constant(gm, site.node, site.weight, w.detach() * mask.to(w.dtype))
+            rewrite.replace_constant(gm, site.node, site.weight, w.detach() * mask.to(w.dtype))
             n0 = int((~mask).sum())
             layers[site.name] = f"sparsity {n0 / mask.numel():.3f} ({n0}/{mask.numel()})"
             names.append(str(site.weight.target))

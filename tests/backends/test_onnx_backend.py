@@ -9,7 +9,6 @@ installed onnxruntime, ``onnx.checker``, external data, clear errors for bad art
 from __future__ import annotations
 
 import functools
-import threading
 import time
 
 import numpy as np
@@ -22,6 +21,7 @@ from graphopt.backends import onnx as onnx_backend
 from graphopt.backends.onnx import OnnxBackend, ir_version_for_opset, ort_max_ir_version
 from graphopt.capture import capture
 from graphopt.errors import ArtifactError, BackendError, InputError
+from tests.conftest import run_in_threads
 
 ATOL = 1e-5
 
@@ -204,11 +204,7 @@ def test_runner_is_safe_from_several_threads(captured, artifact):
     def work(i):
         results[i] = _err(runner.run(list(jobs[i])), _eager(model, jobs[i]))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(len(jobs), work)
     assert len(results) == len(jobs) and max(results.values()) <= ATOL
 
 

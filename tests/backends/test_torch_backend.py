@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import threading
 import zipfile
 
 import numpy as np
@@ -16,6 +15,7 @@ from graphopt.backends.torch import TorchBackend
 from graphopt.capture import capture
 from graphopt.errors import ArtifactError, InputError
 from graphopt.runtime.torch_runner import check_pt2_archive
+from tests.conftest import run_in_threads
 
 ATOL = 1e-5
 
@@ -73,11 +73,7 @@ def test_runner_is_safe_from_several_threads(artifacts):
     def work(i):
         results[i] = _err(runner.run(list(jobs[i])), _eager(model, jobs[i]))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(len(jobs), work)
     assert len(results) == len(jobs) and max(results.values()) <= ATOL
 
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from graphopt_prune import dependency
+from graphopt_prune import dependency, rewrite
 from graphopt_prune.sites import get_constant
 from torch import nn
 
@@ -136,13 +136,13 @@ def test_shrunk_equals_masked_on_fresh_inputs(case):
     kinds = sorted(g.kind for g in groups)
     assert kinds == ["channels", "channels", "heads", "heads"], [(g.label, g.kind, g.blocked) for g in groups]
     plan = [(g, list(range(1, g.units))) for g in groups]  # drop unit 0 everywhere
-    masked = dependency.masked_copy(ir.graph_module, plan)
+    masked = rewrite.masked_copy(ir.graph_module, plan)
     inputs = _fresh(ir, seed=11)
     with torch.no_grad():
         dense = ir.graph_module(*inputs)[0]
         want = masked(*inputs)[0]
         for g, keep in plan:
-            dependency.apply(ir.graph_module, g, keep)
+            rewrite.apply(ir.graph_module, g, keep)
         ir.recompile()
         got = ir.graph_module(*inputs)[0]
     assert (want - dense).abs().max() > 1e-2  # masking did change the model
