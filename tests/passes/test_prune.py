@@ -171,15 +171,15 @@ def test_blocked_group_is_left_alone_with_its_reason():
 def test_a_wrong_dependency_fix_is_caught(monkeypatch):
     """If the rewrite kept other units in the consumer than in the producers, the shrunk-vs-masked
     self-check must refuse the result."""
-    real = dependency.apply
+    real = rewrite.apply
 
     def wrong(gm, group, keep):
         real(gm, group, keep)
         for _chain, site in group.sinks:  # consumers now read the dropped units' columns
             w = get_constant(gm, site.weight)
-            dependency.replace_constant(gm, site.node, site.weight, w.flip(site.in_dim))
+            rewrite.replace_constant(gm, site.node, site.weight, w.flip(site.in_dim))
 
-    monkeypatch.setattr(dependency, "apply", wrong)
+    monkeypatch.setattr(rewrite, "apply", wrong)
     with pytest.raises(PassError, match="differs from the original with the same units masked"):
         graphopt.optimize(_base(LLAMA)[1], pipeline="prune(structure=channels,amount=0.5)")
 
