@@ -69,6 +69,9 @@ def test_public_names_exist():
         mod = __import__(module, fromlist=["_"])
         for name in names:
             assert hasattr(mod, name), f"{module}.{name}"
+    # every exception class is exported, at the top level too
+    assert set(graphopt.errors.__all__) == PUBLIC["graphopt.errors"]
+    assert set(graphopt.errors.__all__) <= set(graphopt.__all__)
 
 
 def test_constant_helpers_are_copy_on_write():
