@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from onnx import TensorProto as T
     from onnx import helper, numpy_helper
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.decode_attention", description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=4)
