@@ -528,7 +528,6 @@ def _kept_dims(in_shape: list[int], out: list[int]) -> list[int]:
     return kept
 
 
-
 # -- the rules: how the tracked axis goes through each op family ----------------------------------
 # rule(tracer, node, chain id, axis of the input, the input's shape); each emits the axis of the
 # output (Tracer.emit) or raises Blocked with the reason
