@@ -133,6 +133,61 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+LAUNCH_HELP = ("tensor-parallel artifacts: start the N ranks here (torchrun --standalone --nproc-per-node N, "
+               "gloo on CPU) and run this command on each; rank 0 prints. N must be the artifact's world size. "
+               "Without it, start the command under torchrun yourself")
+
+
+RANK_STATUS_ENV = "GRAPHOPT_RANK_STATUS_DIR"  # where the ranks --launch started write their exit codes
+
+
+def launch(args: argparse.Namespace) -> int:
+    """``--launch N``: this same command on N ranks under torchrun (``python -m torch.distributed.run
+    --standalone --nproc-per-node N -m graphopt.cli ...``), for tensor-parallel artifacts. The
+    artifact's world size is checked first, so a wrong N is a usage error, not N failing ranks."""
+    import subprocess
+
+    from graphopt.artifact import read_manifest
+    from graphopt.errors import InputError
+
+    n = args.launch
+    tp = read_manifest(args.dir).get("tensor_parallel")
+    if not tp:
+        raise InputError(f"--launch {n}: {args.dir} is not tensor-parallel (one program for one process); run it "
+                         "without --launch, or compile with tensor-parallel(world_size=N) to shard it")
+    if n != int(tp["world_size"]):
+        raise InputError(f"--launch {n}: {args.dir} is sharded over {tp['world_size']} ranks; use --launch "
+                         f"{tp['world_size']}")
+    argv, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--launch":
+            skip = True
+            continue
+        if not a.startswith("--launch="):
+            argv.append(a)
+    import tempfile
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "graphopt.cli", *argv]
+    with tempfile.TemporaryDirectory(prefix="graphopt-launch-") as codes:
+        env = {**os.environ, RANK_STATUS_ENV: codes,
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))}
+        rc = subprocess.run(cmd, env=env).returncode
+        # torchrun exits 1 for any failed rank: the ranks' own exit codes say what failed
+        ranks = [int(p.read_text()) for p in sorted(Path(codes).glob("rank*"))]
+    if rc == 0:
+        return EXIT_OK
+    return max(ranks) if ranks and max(ranks) in (EXIT_VERIFY, EXIT_USAGE) else EXIT_INTERNAL
+
+
+def _secondary_rank(eng) -> bool:
+    """A rank other than 0 of a tensor-parallel artifact: it computes, rank 0 prints."""
+    return eng.world_size > 1 and eng.rank != 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -141,10 +196,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from graphopt.compiler import read_npz
     from graphopt.runtime.arrays import RAW_BITS, to_numpy
 
+    if args.launch:
+        return launch(args)
     opts = {"threads": args.threads} if args.threads else {}
     eng = graphopt.load(args.dir, **opts)
     if args.inputs:
         feeds, expected = read_npz(args.inputs), None
+        if eng.world_size > 1:  # whole arrays in the file: this rank's slices
+            from graphopt.parallel import shard_named
+
+            feeds = shard_named(feeds, eng.manifest["tensor_parallel"]["sharded_inputs"], eng.rank, eng.world_size)
     else:
         feeds = eng.example_inputs()  # bfloat16 examples come back as torch tensors (numpy has none)
         expected = eng.expected_outputs()
@@ -152,9 +213,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     outs = [o.detach().cpu() for o in eng.run_flat(flat)]
     dt = time.perf_counter() - t0
+    if eng.world_size > 1:  # tensor-parallel: the ranks' slices of the sharded outputs, made whole
+        from graphopt.parallel import gather_outputs
+
+        outs = gather_outputs(eng, outs)
+        if _secondary_rank(eng):  # rank 0 reports and writes
+            return EXIT_OK
     # numpy has no bfloat16: such outputs are written as float32, which holds them exactly
     arrays = {n: to_numpy(o) for n, o in zip(eng.output_names, outs)}
-    print(f"ran {eng.path} ({eng.target}) in {dt * 1000:.1f} ms on "
+    ranks = f" on {eng.world_size} ranks (tensor-parallel)" if eng.world_size > 1 else ""
+    print(f"ran {eng.path} ({eng.target}){ranks} in {dt * 1000:.1f} ms on "
           f"{'the stored example inputs' if expected is not None else args.inputs}")
     for n, o in zip(eng.output_names, outs):
         widened = " (written as float32)" if args.output and o.dtype in RAW_BITS else ""
@@ -192,7 +260,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import graphopt
     from graphopt.errors import InputError
 
+    if args.launch:
+        return launch(args)
     eng = graphopt.load(args.dir)
+    if _secondary_rank(eng):  # tensor-parallel: every rank decodes the same tokens, rank 0 prints them
+        args.quiet, sys.stdout = True, open(os.devnull, "w")  # noqa: SIM115 - for this process's rest
     tok = None
     tok_file = eng.path / "tokenizer.json"
     if args.prompt is not None:
@@ -516,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", metavar="FILE.npz", help="write the outputs here")
     r.add_argument("--atol", type=float, default=1e-4, help="tolerance when replaying the examples (default 1e-4)")
     r.add_argument("--threads", type=int, help="intra-op threads for the runner")
+    r.add_argument("--launch", type=int, metavar="N", help=LAUNCH_HELP)
     r.set_defaults(func=cmd_run)
 
     gen = sub.add_parser("generate", help="decode tokens with a decoder artifact")
@@ -538,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft-tokens", type=int, help="draft length to start with (adapted per step; default 8 "
                      "for prompt-lookup, 4 for a draft model)")
     gen.add_argument("--ngram", type=int, default=3, help="prompt-lookup: longest n-gram matched (default 3)")
+    gen.add_argument("--launch", type=int, metavar="N", help=LAUNCH_HELP)
     gen.add_argument("-q", "--quiet", action="store_true")
     gen.set_defaults(func=cmd_generate)
 
@@ -613,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --launch runs again on every rank
     debug = args.debug or os.environ.get("GRAPHOPT_DEBUG", "") not in ("", "0")
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -648,12 +723,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def _main_with_status(argv: list[str] | None = None) -> int:
+    code = main(argv)
+    status = os.environ.get(RANK_STATUS_ENV)
+    if status and os.environ.get("RANK"):  # a rank started by --launch: its code for the launcher
+        Path(status, f"rank{os.environ['RANK']}").write_text(str(code))
+    return code
+
+
 def run() -> None:
     """The ``graphopt`` command: :func:`main`, then the exit handlers (``atexit``: log handlers,
     temporary files), then exit without the interpreter's teardown, which frees every object one
     by one: 1.8 s after a 0.5B model's compile, for a process that is ending anyway. An exception
     out of ``main`` (argparse's exit on a usage error included) exits the ordinary way."""
-    code = main()
+    code = _main_with_status()
     try:
         import atexit
 

@@ -267,6 +267,10 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
                     target_options=target_options, memory_check=memory_check)
     backend = pm.backend(target)  # unknown target → error before any work
     passes = resolve(pipeline, pm.passes)  # unknown pass/option → error before capture
+    for p in passes:
+        if p.targets and target not in p.targets:
+            raise InputError(f"pass {p.name!r} makes graphs only the {' / '.join(p.targets)} target can run "
+                             f"(target {target!r} was asked for); compile with --target {p.targets[0]}")
     model, example_inputs, dynamic, tokenizer, model_spec = _resolve_model(
         model, example_inputs, dynamic, dtype=dtype, tokenizer=tokenizer, layers=layers, model_spec=model_spec)
     tracker = PhaseTracker(progress)
@@ -404,6 +408,9 @@ def _manifest(ir: GraphIR, original: GraphIR, target: str, lowered: Any, rep: Re
         "sparsity": ir.meta.get("sparsity"),  # set by prune (2:4 / unstructured masks): backends may use it
         # set by remove-padding: {"mask": input, "outputs": [...]}; those outputs are 0 where mask == 0
         "padding_removed": ir.meta.get("padding_removed"),
+        # set by tensor-parallel: {"world_size": N, "sharded_inputs"/"sharded_outputs": {name: dim}, ...};
+        # the specs above are the whole model's, each rank's program takes 1/N of the sharded dims
+        "tensor_parallel": ir.meta.get("tensor_parallel"),
         "files": {},
     }
 

@@ -40,13 +40,16 @@ class TorchBackend(Backend):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        ep = export_program(ir)
-        path = out_dir / MODEL_FILE
-        try:
-            torch.export.save(ep, path)
-        except Exception as e:
-            raise BackendError(f"torch.export.save could not write {path}: {type(e).__name__}: {e}") from e
-        return Lowered(files=[MODEL_FILE],
+        tp = ir.meta.get("tensor_parallel")
+        if tp:  # one program per rank, cut from the simulated graph (graphopt.parallel)
+            from graphopt.parallel import rank_ir
+
+            files = []
+            for rank in range(int(tp["world_size"])):
+                files.append(_save(export_program(rank_ir(ir, rank)), out_dir / f"model.rank{rank}.pt2"))
+            return Lowered(files=files, payload={"format": "pt2", "rank_files": files, "torch": torch.__version__},
+                           notes=[f"tensor-parallel: {len(files)} rank programs"])
+        return Lowered(files=[_save(export_program(ir), out_dir / MODEL_FILE)],
                        payload={"format": "pt2", "file": MODEL_FILE, "torch": torch.__version__})
 
     def load(self, artifact_dir: Path, manifest: dict[str, Any], device: str | None = None,
@@ -54,8 +57,42 @@ class TorchBackend(Backend):
         from graphopt.runtime.torch_runner import TorchRunner
 
         payload = manifest["payload"] if isinstance(manifest.get("payload"), dict) else manifest
-        file = payload.get("file", MODEL_FILE)
+        tp = manifest.get("tensor_parallel")
+        if tp:
+            from graphopt.parallel import init_rank
+
+            files = payload.get("rank_files")
+            if not isinstance(files, list) or len(files) != int(tp.get("world_size", 0)):
+                raise ArtifactError(f"manifest of {artifact_dir} is tensor-parallel over {tp.get('world_size')} ranks "
+                                    f"but lists rank programs {files!r}; rebuild the artifact")
+            rank = init_rank(artifact_dir, tp, device)
+            file = files[rank]
+            if not isinstance(file, str) or Path(file).name != file:
+                raise ArtifactError(f"manifest names torch program {file!r}; it must be a file name inside the "
+                                    "artifact directory")
+            from graphopt.parallel import RankRunner
+
+            return RankRunner(TorchRunner(Path(artifact_dir) / file, device=device), rank, len(files))
+        else:
+            file = payload.get("file", MODEL_FILE)
         if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
             raise ArtifactError(f"manifest names torch program {file!r}; it must be a file name inside the "
                                 "artifact directory")
         return TorchRunner(Path(artifact_dir) / file, device=device)
+
+    def load_for_verification(self, artifact_dir: Path, manifest: dict[str, Any]) -> Any:
+        if manifest.get("tensor_parallel"):  # the real thing: one process per rank, on gloo
+            from graphopt.parallel import SpawnedRanks
+
+            return SpawnedRanks(artifact_dir, manifest)
+        return self.load(artifact_dir, manifest)
+
+
+def _save(ep: Any, path: Path) -> str:
+    import torch
+
+    try:
+        torch.export.save(ep, path)
+    except Exception as e:
+        raise BackendError(f"torch.export.save could not write {path}: {type(e).__name__}: {e}") from e
+    return path.name

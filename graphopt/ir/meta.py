@@ -73,6 +73,9 @@ for _args in (
     ("precision", dict, "precision", "report, manifest, lowerings", "the dtype the graph computes in and what "
      "stayed in fp32"),
     ("quantization", dict, "quantize", "report, manifest", "scheme, quantized and skipped layers, guard results"),
+    ("tensor_parallel", dict, "tensor-parallel", "the torch lowering (one program per rank), the manifest, "
+     "graphopt.load under torchrun", "world_size, sharded_inputs / sharded_outputs ({name: dim}), what was "
+     "sharded and what stayed replicated (graphopt.parallel)"),
     ("artifact_files", dict, "any pass", "compile: files shipped in the artifact", "name -> text of files to write "
      "into the artifact (calibration scales, say); listed and checksummed in the manifest"),
 ):

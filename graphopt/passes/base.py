@@ -133,6 +133,9 @@ class Pass:
     #: at most this fraction of the model's weight bytes the pass adds in new tensors (the
     #: compile's up-front memory estimate, graphopt.memory.estimate_compile_memory)
     weight_memory: ClassVar[float] = 0.0
+    #: the only targets this pass's result can be lowered to (empty: any); ``compile`` refuses another
+    #: target before capture (tensor-parallel: ``("torch",)``, whose programs carry collectives)
+    targets: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()

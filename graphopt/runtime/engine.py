@@ -40,6 +40,15 @@ class Engine(NamedIO):
         self.runner = runner
         self.inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
         self.outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
+        #: tensor-parallel artifacts: this process's rank and the number of ranks (else 0 and 1)
+        self.rank, self.world_size = int(getattr(runner, "rank", 0)), 1
+        tp = manifest.get("tensor_parallel")
+        if tp:  # one rank's program: the sharded inputs and outputs (its KV heads' cache) are 1/N as large
+            from graphopt.parallel import local_specs
+
+            self.world_size = int(tp["world_size"])
+            self.inputs = local_specs(self.inputs, tp.get("sharded_inputs", {}), self.world_size)
+            self.outputs = local_specs(self.outputs, tp.get("sharded_outputs", {}), self.world_size)
         self._lock = threading.Lock()
 
     @property
@@ -108,14 +117,26 @@ class Engine(NamedIO):
     # -- examples ------------------------------------------------------------------------
     def example_inputs(self) -> dict[str, np.ndarray | torch.Tensor]:
         """The stored example inputs by name: numpy arrays, or torch tensors for dtypes numpy lacks
-        (bfloat16), read back from their raw bits (``manifest["examples"]["dtypes"]``)."""
+        (bfloat16), read back from their raw bits (``manifest["examples"]["dtypes"]``). On a rank of a
+        tensor-parallel artifact: this rank's slices of the sharded ones."""
         ex = self.manifest.get("examples") or {}
-        return _read_npz(self.path / ex.get("inputs", "example_inputs.npz"), ex.get("dtypes"))
+        return self._local(_read_npz(self.path / ex.get("inputs", "example_inputs.npz"), ex.get("dtypes")),
+                           "sharded_inputs")
 
     def expected_outputs(self) -> dict[str, np.ndarray | torch.Tensor]:
-        """The original module's outputs on :meth:`example_inputs`, typed the same way."""
+        """The original module's outputs on the example inputs, typed the same way (whole, also on a
+        rank of a tensor-parallel artifact: :func:`graphopt.parallel.gather_outputs` makes a rank's
+        outputs whole)."""
         ex = self.manifest.get("examples") or {}
         return _read_npz(self.path / ex.get("outputs", "expected_outputs.npz"), ex.get("dtypes"))
+
+    def _local(self, named: dict[str, Any], key: str) -> dict[str, Any]:
+        tp = self.manifest.get("tensor_parallel")
+        if not tp:
+            return named
+        from graphopt.parallel import shard_named
+
+        return shard_named(named, tp.get(key, {}), self.rank, self.world_size)
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
