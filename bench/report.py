@@ -129,6 +129,8 @@ def markdown(r: CaseResult) -> str:
         parts += _scale_md(r)
     elif r.kind == "serve":
         parts += _serve_md(r)
+    elif r.kind == "parallel":
+        parts += _parallel_md(r)
     else:
         parts += _compile_md(r)
     if r.notes:
@@ -353,6 +355,8 @@ def chart(r: CaseResult, path: Path) -> None:
         fig = _scale_chart(r, plt)
     elif r.kind == "serve":
         fig = _serve_chart(r, plt)
+    elif r.kind == "parallel":
+        fig = _parallel_chart(r, plt)
     else:
         fig = _compile_chart(r, plt)
     fig.text(0.01, 0.005, one_line(r.machine) if r.machine else "", fontsize=7, color="#555555")
@@ -460,4 +464,52 @@ def _serve_chart(r: CaseResult, plt: Any) -> Any:
         ax.set_title(model)
         ax.legend(fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+# -- parallel --------------------------------------------------------------------------------------
+
+def _gib(b: Any) -> str:
+    if b is None:
+        return "-"
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
+def _parallel_md(r: CaseResult) -> list[str]:
+    out = ["### compile", ""]
+    rows = [[row["system"], str(row.get("ranks")), row["status"] + (f": {row['note']}" if row.get("note") else ""),
+             fmt_time(row.get("time_s")), _gib(row.get("peak_rss_gib", 0) * 2**30), _gib(row.get("artifact_bytes"))]
+            for row in r.rows if row["stage"] == "compile"]
+    out += [_table(["system", "ranks", "status", "time", "peak RSS (with its children)", "artifact"], rows), ""]
+    out += ["### decode", ""]
+    rows = []
+    for row in r.rows:
+        if row["stage"] != "decode":
+            continue
+        rows.append([row["system"], fmt_spread(row["tokens_per_s"], 1, " tok/s"), f"{row['vs_one_rank']:.2f}×",
+                     ", ".join(_gib(b) for b in row["weight_bytes_per_rank"]),
+                     ", ".join(_gib(b) for b in row["peak_rss_per_rank"]), fmt_value(row["tokens_identical"]),
+                     row.get("device", "")])
+    out += [_table(["system", "tokens/s (median [p10, p90])", "vs 1 rank", "weights per rank", "peak RSS per rank",
+                    "tokens = 1 rank", "device"], rows), ""]
+    return out
+
+
+def _parallel_chart(r: CaseResult, plt: Any) -> Any:
+    rows = [row for row in r.rows if row["stage"] == "decode"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+    fig.suptitle(r.title, fontsize=11)
+    names = [row["system"] for row in rows]
+    axes[0].barh(names, [row["tokens_per_s"]["median"] for row in rows], color="#4c72b0")
+    axes[0].set_xlabel("greedy decode tokens/s (median)")
+    for i, row in enumerate(rows):
+        w = [b / 2**30 for b in row["weight_bytes_per_rank"]]
+        rss = [b / 2**30 for b in row["peak_rss_per_rank"]]
+        axes[1].barh([f"{row['system']} · rank {k}" for k in range(len(w))], rss, color="#dd8452",
+                     label="peak RSS" if i == 0 else None)
+        axes[1].barh([f"{row['system']} · rank {k}" for k in range(len(w))], w, color="#55a868",
+                      label="program weights" if i == 0 else None)
+    axes[1].set_xlabel("GiB per rank")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
     return fig

@@ -408,7 +408,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except ChecksumError as e:
         checks = f"MISMATCH: {e}"
     print(f"artifact {args.dir}")
-    print(f"  target: {m['target']}  payload: {m['payload'].get('file', '')}  pipeline: {m.get('pipeline')!r}")
+    payload = m["payload"].get("file") or ", ".join(m["payload"].get("rank_files") or [])
+    print(f"  target: {m['target']}  payload: {payload}  pipeline: {m.get('pipeline')!r}")
+    tp = m.get("tensor_parallel")
+    if tp:
+        print(f"  tensor-parallel: {tp['world_size']} ranks (run under torchrun, or --launch {tp['world_size']}); "
+              f"sharded: {len(tp.get('sharded') or {})} groups, replicated: {len(tp.get('replicated') or {})}; "
+              f"per rank, dim 1/{tp['world_size']} of: {', '.join(tp.get('sharded_inputs') or {}) or 'no input'}")
     model = m.get("model") or {}
     print(f"  model: {model.get('spec') or model.get('class')}  (captured with {model.get('capture')})")
     print("  inputs:  " + ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in m["inputs"]))

@@ -177,12 +177,27 @@ def _proc_status(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(x) for t in os.listdir(f"/proc/{p}/task")
+                    for x in open(f"/proc/{p}/task/{t}/children").read().split()]
+        except (OSError, ValueError):
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
 def run_measured(cmd: list[str], log: Path, *, timeout_s: float, env: dict[str, str] | None = None,
-                 interval: float = 0.1, max_rss_gib: float = 0.0) -> Proc:
+                 interval: float = 0.1, max_rss_gib: float = 0.0, tree: bool = False) -> Proc:
     """Run ``cmd`` (output to ``log``), sampling its memory until it exits; never raises for the
     child's failure: the returned :class:`Proc` says how it ended. ``max_rss_gib`` > 0 kills the
     child when its RSS passes it (a shared machine: stop before the kernel's OOM killer picks a
-    neighbour)."""
+    neighbour). ``tree``: the sampled RSS is the child's plus its descendants' (processes it starts:
+    tensor-parallel ranks), summed per sample."""
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = Proc(cmd=cmd, log=log)
     t0 = time.perf_counter()
@@ -195,6 +210,8 @@ def run_measured(cmd: list[str], log: Path, *, timeout_s: float, env: dict[str, 
         if pid:
             break
         rss, hwm = _proc_status(child.pid)
+        if tree:
+            rss += sum(_proc_status(k)[0] for k in _descendants(child.pid))
         peak = max(peak, rss, hwm)
         if rss:
             proc.samples.append((round(elapsed, 2), round(rss / GIB, 3)))
@@ -246,12 +263,12 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def worker_cmd(task: str, spec: dict[str, Any], folder: Path) -> tuple[list[str], Path]:
+def worker_cmd(task: str, spec: dict[str, Any], folder: Path, module: str = "bench.cases.scale") -> tuple[list[str], Path]:
     folder.mkdir(parents=True, exist_ok=True)
     spec_file, result_file = folder / f"{task}.spec.json", folder / f"{task}.result.json"
     spec_file.write_text(json.dumps(spec, indent=1))
     result_file.unlink(missing_ok=True)
-    return [sys.executable, "-m", "bench.cases.scale", task, str(spec_file), str(result_file)], result_file
+    return [sys.executable, "-m", module, task, str(spec_file), str(result_file)], result_file
 
 
 def dir_bytes(path: Path) -> int:

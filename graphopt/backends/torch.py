@@ -66,6 +66,10 @@ class TorchBackend(Backend):
                 raise ArtifactError(f"manifest of {artifact_dir} is tensor-parallel over {tp.get('world_size')} ranks "
                                     f"but lists rank programs {files!r}; rebuild the artifact")
             rank = init_rank(artifact_dir, tp, device)
+            if device is not None and str(device) == "cuda":  # one GPU per rank: torchrun's LOCAL_RANK
+                import os
+
+                device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             file = files[rank]
             if not isinstance(file, str) or Path(file).name != file:
                 raise ArtifactError(f"manifest names torch program {file!r}; it must be a file name inside the "

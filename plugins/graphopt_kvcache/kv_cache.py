@@ -107,6 +107,9 @@ class KVCache(Pass):
     def requires(self, ir: GraphIR) -> None:
         if ir.meta.get("generation"):
             raise PassError("the graph already has a KV cache; run kv-cache once")
+        if ir.meta.get("tensor_parallel"):  # it would cache every rank's shard as a layer of its own
+            raise PassError("the graph is already tensor-parallel; put kv-cache before tensor-parallel (each rank "
+                            "then caches its own KV heads)")
         if not any(n.target is SDPA for n in ir.graph.nodes):
             raise PassError("kv-cache needs canonical attention (aten.scaled_dot_product_attention) and this "
                             "graph has none; put fuse-attention before it: --pipeline cleanup,fuse-attention,kv-cache")
