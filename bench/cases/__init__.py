@@ -56,7 +56,18 @@ def _convert(kind: Any, raw: str, where: str) -> Any:
 
 
 def all_cases() -> dict[str, Case]:
-    from bench.cases import compile_time, decode, minilm, parallel, prefill, prune, quant, scale, serve, speculative
+    from bench.cases import (
+        compile_time,
+        decode,
+        minilm,
+        parallel,
+        prefill,
+        prune,
+        quant,
+        scale,
+        serve,
+        speculative,
+    )
 
     return {c.name: c for c in (minilm.CASE, prefill.CASE, decode.CASE, compile_time.CASE, prune.CASE, quant.CASE,
                                 scale.CASE, serve.CASE, speculative.CASE, parallel.CASE)}

@@ -12,7 +12,6 @@ import torch
 import graphopt
 from graphopt.errors import InputError, PassError, PassOptionError
 from graphopt.parallel import GATHER, REDUCE, SHARD, rank_ir
-
 from tests.test_first_try import _model, _prompt
 
 PIPE = "cleanup,fuse,kv-cache,tensor-parallel(world_size=2)"
