@@ -79,6 +79,18 @@ def _tp_gather_fake(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return torch.cat([torch.empty_like(p) for p in parts], dim)
 
 
+@torch.library.custom_op("graphopt::tp_all_gather", mutates_args=())
+def tp_all_gather(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The ranks' slices of a value every rank needs whole (the lm_head's logits under vocabulary
+    sharding), simulated: concatenated along ``dim`` in rank order."""
+    return torch.cat(parts, dim)
+
+
+@tp_all_gather.register_fake
+def _tp_all_gather_fake(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return torch.cat([torch.empty_like(p) for p in parts], dim)
+
+
 @torch.library.custom_op("graphopt::tp_shard", mutates_args=())
 def tp_shard(x: torch.Tensor, dim: int, rank: int, world_size: int) -> torch.Tensor:
     """Rank ``rank``'s slice of an input along ``dim`` (``1/world_size`` of it)."""
@@ -96,7 +108,8 @@ def _tp_shard_fake(x: torch.Tensor, dim: int, rank: int, world_size: int) -> tor
 REDUCE = torch.ops.graphopt.tp_reduce.default
 GATHER = torch.ops.graphopt.tp_gather.default
 SHARD = torch.ops.graphopt.tp_shard.default
-MARKERS = (REDUCE, GATHER, SHARD)
+ALL_GATHER = torch.ops.graphopt.tp_all_gather.default
+MARKERS = (REDUCE, GATHER, SHARD, ALL_GATHER)
 
 
 # -- one rank's program ----------------------------------------------------------------------------
@@ -126,13 +139,19 @@ def rank_ir(ir: Any, rank: int) -> Any:
     n = int(tp["world_size"])
     out = ir.copy()
     g = out.graph
-    partials = []
+    partials, gathers = [], []
     for node in list(g.nodes):
         if node.op != "call_function" or node.target not in MARKERS:
             continue
         if node.target is REDUCE:  # this rank's part for now; the all-reduce goes in once shapes are known
             partials.append(node.args[0][rank])
             node.replace_all_uses_with(node.args[0][rank])
+        elif node.target is ALL_GATHER:  # this rank's part N times over (the whole's shape) for now
+            part, dim = node.args[0][rank], node.args[1]
+            with g.inserting_before(node):
+                whole = g.call_function(torch.ops.aten.cat.default, ([part] * n, dim))
+            gathers.append((whole, part, dim))
+            node.replace_all_uses_with(whole)
         elif node.target is GATHER:
             node.replace_all_uses_with(node.args[0][rank])
         elif node.args[2] == rank:  # this rank's slice of an input: the input itself, 1/N as large
@@ -159,8 +178,32 @@ def rank_ir(ir: Any, rank: int) -> Any:
         red.meta["val"] = wait.meta["val"] = part.meta.get("val")
         for user in users:
             user.replace_input_with(part, wait)
+    for whole, part, dim in gathers:  # all_gather_into_tensor stacks on dim 0: move dim there and back
+        _all_gather_along(g, whole, part, dim, n)
     out.recompile()
     return out
+
+
+def _all_gather_along(g: torch.fx.Graph, whole: torch.fx.Node, part: torch.fx.Node, dim: int, n: int) -> None:
+    c10d = torch.ops._c10d_functional
+    val = part.meta["val"]
+    dim = dim % val.dim()
+    with val.fake_mode if hasattr(val, "fake_mode") else contextlib.nullcontext():
+        moved_val = val.movedim(dim, 0)
+        front_val = moved_val.contiguous()
+        gathered_val = front_val.new_empty([front_val.shape[0] * n, *front_val.shape[1:]])
+        back_val = gathered_val.movedim(0, dim)
+    with g.inserting_before(whole):
+        front = g.call_function(torch.ops.aten.movedim.int, (part, dim, 0))
+        cont = g.call_function(torch.ops.aten.contiguous.default, (front,))
+        gat = g.call_function(c10d.all_gather_into_tensor.default, (cont, n, GROUP))
+        wait = g.call_function(c10d.wait_tensor.default, (gat,))
+        back = g.call_function(torch.ops.aten.movedim.int, (wait, 0, dim))
+    front.meta["val"], cont.meta["val"] = moved_val, front_val
+    gat.meta["val"] = wait.meta["val"] = gathered_val
+    back.meta["val"] = back_val
+    whole.replace_all_uses_with(back)
+    g.erase_node(whole)
 
 
 def shard_tensor(t: Any, dim: int | None, rank: int, world_size: int) -> Any:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Literal
 
 import torch
 import torch.fx
@@ -49,7 +50,7 @@ from graphopt import Pass, PassContext, PassResult
 from graphopt.errors import PassError
 from graphopt.fx import ASSERT_OPS, add_constant, copy_source_meta, erase_dead, packet
 from graphopt.ir import GraphIR
-from graphopt.parallel import GATHER, REDUCE, SHARD
+from graphopt.parallel import ALL_GATHER, GATHER, REDUCE, SHARD
 from graphopt.verify import reference
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class ShardTracer(Tracer):
 @dataclasses.dataclass
 class Options:
     world_size: int = 2
+    vocab: Literal["replicated", "sharded"] = "replicated"
 
     def __post_init__(self):
         if self.world_size < 2:
@@ -157,11 +159,35 @@ class TensorParallel(Pass):
         if not chosen:
             raise PassError(f"tensor-parallel found nothing to shard (no attention or FFN whose heads/channels a "
                             f"consumer GEMM contracts){': ' + '; '.join(f'{k}: {v}' for k, v in replicated.items()) if replicated else ''}")
+        heads = [g for g in groups if _is_vocab_head(g, tracer)]
+        if self.options.vocab == "sharded":
+            if not heads:
+                raise PassError("tensor-parallel(vocab=sharded) found no lm_head (a GEMM whose output features reach "
+                                "the graph output); leave vocab=replicated")
+            for g in heads:
+                if g.units % n:
+                    raise PassError(f"tensor-parallel(vocab=sharded): {g.label} has a vocabulary of {g.units}, which "
+                                    f"{n} ranks do not divide; leave vocab=replicated")
+                replicated.pop(g.label, None)
+        else:
+            for g in heads:
+                replicated[g.label] = "the lm_head (vocab=replicated)"
         in_index = {p: i for i, p in enumerate(ir.placeholders())}
         sharded_inputs: dict[str, int] = {}
+        names = {p: ir.inputs[i].name for p, i in in_index.items()}
+        shards: dict[tuple, str] = {}  # one tensor per (weight, rows, rank): a tied table is sliced once
         for g in chosen:
-            _shard(gm, tracer, g, n, sharded_inputs, {p: ir.inputs[i].name for p, i in in_index.items()})
+            _shard(gm, tracer, g, n, sharded_inputs, names, shards)
             sharded[g.label] = f"{g.kind} {g.units} -> {g.units // n} per rank"
+        if self.options.vocab == "sharded":
+            for g in heads:
+                vocab = g.units
+                _shard(gm, tracer, g, n, sharded_inputs, names, shards, gather=ALL_GATHER)
+                sharded[g.label] = f"vocabulary {vocab} -> {vocab // n} per rank (logits all-gathered)"
+                for node in [x for x in gm.graph.nodes if _embedding_table(gm, x, vocab) is not None]:
+                    _shard_embedding(gm, node, n, shards)
+                    sharded[f"{node.name} ({node.args[0].target})"] = (f"embedding rows {vocab} -> {vocab // n} "
+                                                                       "per rank (masked lookup, all-reduced)")
         sharded_outputs = {s.name: v.args[1] for s, v in zip(ir.outputs, ir.output_values())
                            if isinstance(v, Node) and v.target is GATHER}
         ir.meta["tensor_parallel"] = {"world_size": n, "sharded_inputs": sharded_inputs,
@@ -176,9 +202,71 @@ class TensorParallel(Pass):
         return PassResult(ir, True, stats)
 
 
+NO_CONSUMER = "no consumer weight contracts it"  # graphopt_prune.dependency's reason for a group with no sink
+
+
+def _is_vocab_head(g: Group, tr: ShardTracer) -> bool:
+    """The lm_head: one GEMM's output features reaching the graph output, nothing else in the way."""
+    if g.blocked != NO_CONSUMER or len(g.producers) != 1:
+        return False
+    cids = {c.id for c in g.chains}
+    return any(tr.tags[o][0] in cids for o in tr.outputs)
+
+
+def _embedding_table(gm: torch.fx.GraphModule, node: Node, vocab: int) -> torch.Tensor | None:
+    if node.op != "call_function" or node.target is not aten.embedding.default:
+        return None
+    t = get_constant(gm, node.args[0])
+    return t if t is not None and t.dim() == 2 and t.shape[0] == vocab else None
+
+
+def _sliced(gm: torch.fx.GraphModule, attr: Node, dim: int, idx: torch.Tensor, r: int, before: Node,
+            shards: dict[tuple, str]) -> Node:
+    """A ``get_attr`` of rank ``r``'s slice ``idx`` of ``attr``'s tensor along ``dim`` (made once per
+    weight, slice and rank: a table tied to the lm_head is one tensor in the rank's program)."""
+    key = (str(attr.target), dim, r, tuple(idx.tolist()))
+    name = shards.get(key)
+    if name is None:
+        t = get_constant(gm, attr)
+        name = shards[key] = add_constant(gm, f"{attr.target}_tp{r}", t.index_select(dim, idx).contiguous(),
+                                          parameter=True)
+    with gm.graph.inserting_before(before):
+        new = gm.graph.get_attr(name)
+    new.meta = dict(attr.meta)
+    return new
+
+
+def _shard_embedding(gm: torch.fx.GraphModule, node: Node, n: int, shards: dict[tuple, str]) -> None:
+    """Vocab-parallel lookup (Megatron's VocabParallelEmbedding): rank ``r`` holds rows
+    ``[r V/N, (r+1) V/N)``, looks up the ids in its range, zeroes the others' rows; the all-reduce
+    adds the one real row to zeros (exact)."""
+    graph = gm.graph
+    table, ids = node.args[0], node.args[1]
+    rows = get_constant(gm, table).shape[0] // n
+    parts = []
+    for r in range(n):
+        w = _sliced(gm, table, 0, torch.arange(r * rows, (r + 1) * rows), r, node, shards)
+        with graph.inserting_before(node):
+            local = graph.call_function(aten.sub.Tensor, (ids, r * rows))
+            inside = graph.call_function(aten.bitwise_and.Tensor, (
+                graph.call_function(aten.ge.Scalar, (local, 0)), graph.call_function(aten.lt.Scalar, (local, rows))))
+            idx = graph.call_function(aten.where.self, (inside, local, graph.call_function(aten.zeros_like.default,
+                                                                                            (local,))))
+            looked = graph.call_function(aten.embedding.default, (w, idx, *node.args[2:]))
+            keep = graph.call_function(aten.unsqueeze.default, (inside, -1))
+            parts.append(graph.call_function(aten.mul.Tensor, (looked, keep)))
+    with graph.inserting_before(node):
+        out = graph.call_function(REDUCE, (parts,))
+    copy_source_meta(node, out)
+    node.replace_all_uses_with(out)
+    erase_dead(graph, [node])
+
+
 def _shard(gm: torch.fx.GraphModule, tr: ShardTracer, g: Group, n: int, sharded_inputs: dict[str, int],
-           input_names: dict[Node, str]) -> None:
-    """Replace group ``g``'s region by ``n`` rank shards, its consumers by reduced partial products."""
+           input_names: dict[Node, str], shards: dict[tuple, str], gather: object = GATHER) -> None:
+    """Replace group ``g``'s region by ``n`` rank shards, its consumers by reduced partial products, the
+    graph outputs it reaches by ``gather`` of the ranks' slices (``tp_gather``: each rank returns its
+    slice; ``tp_all_gather``: every rank returns the whole, the lm_head's logits)."""
     graph = gm.graph
     cids = {c.id for c in g.chains}
     region = [x for x in graph.nodes if (x in tr.tags and tr.tags[x][0] in cids and x.op != "placeholder")
@@ -200,12 +288,7 @@ def _shard(gm: torch.fx.GraphModule, tr: ShardTracer, g: Group, n: int, sharded_
     envs: list[dict[Node, Node]] = [{} for _ in range(n)]
 
     def sliced(attr: Node, dim: int, idx: torch.Tensor, r: int, before: Node) -> Node:
-        t = get_constant(gm, attr)
-        name = add_constant(gm, f"{attr.target}_tp{r}", t.index_select(dim, idx).contiguous(), parameter=True)
-        with graph.inserting_before(before):
-            new = graph.get_attr(name)
-        new.meta = dict(attr.meta)
-        return new
+        return _sliced(gm, attr, dim, idx, r, before, shards)
 
     for x in region:
         for r in range(n):
@@ -253,7 +336,7 @@ def _shard(gm: torch.fx.GraphModule, tr: ShardTracer, g: Group, n: int, sharded_
         sharded_inputs[input_names[p]] = tr.tags[p][1]
     # consumers: each rank contracts its own columns; one all-reduce sums them; the bias once after
     for c, site in g.sinks:
-        _reduce_sink(gm, g, c, site, envs, keeps)
+        _reduce_sink(gm, g, c, site, envs, keeps, shards)
     # what still reads the region: the graph output (gathered), shape reads (rank 0's, same size)
     for x in region:
         for user in list(x.users):
@@ -261,7 +344,7 @@ def _shard(gm: torch.fx.GraphModule, tr: ShardTracer, g: Group, n: int, sharded_
                 continue
             if user.op == "output":
                 with graph.inserting_before(user):
-                    gat = graph.call_function(GATHER, ([env[x] for env in envs], tr.tags[x][1]))
+                    gat = graph.call_function(gather, ([env[x] for env in envs], tr.tags[x][1]))
                 user.replace_input_with(x, gat)
             elif packet(user) in ASSERT_OPS:
                 graph.erase_node(user)
@@ -274,17 +357,14 @@ def _shard(gm: torch.fx.GraphModule, tr: ShardTracer, g: Group, n: int, sharded_
 
 
 def _reduce_sink(gm: torch.fx.GraphModule, g: Group, c, site: Site, envs: list[dict[Node, Node]],
-                 keeps: list[list[int]]) -> None:
+                 keeps: list[list[int]], shards: dict[tuple, str]) -> None:
     graph = gm.graph
     x, node = site.x, site.node
     parts = []
-    w_full = get_constant(gm, site.weight)
     for r, env in enumerate(envs):
         idx, _ = g.index(c, keeps[r])
-        name = add_constant(gm, f"{site.weight.target}_tp{r}", w_full.index_select(site.in_dim, idx).contiguous(),
-                            parameter=True)
+        w = _sliced(gm, site.weight, site.in_dim, idx, r, node, shards)
         with graph.inserting_before(node):
-            w = graph.get_attr(name)
             if node.target is aten.linear.default:
                 part = graph.call_function(aten.linear.default, (env[x], w))
             else:  # addmm(b, x, W) / mm(x, W) / matmul(x, W)

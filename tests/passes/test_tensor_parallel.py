@@ -11,7 +11,7 @@ import torch
 
 import graphopt
 from graphopt.errors import InputError, PassError, PassOptionError
-from graphopt.parallel import GATHER, REDUCE, SHARD, rank_ir
+from graphopt.parallel import ALL_GATHER, GATHER, REDUCE, SHARD, rank_ir
 from tests.test_first_try import _model, _prompt
 
 PIPE = "cleanup,fuse,kv-cache,tensor-parallel(world_size=2)"
@@ -37,7 +37,7 @@ def test_every_layer_is_sharded_and_verified(sharded):
     rec = report.passes[-1]
     assert rec["spec"].startswith("tensor-parallel") and rec["verify"]["passed"], rec["verify"]
     tp = ir.meta["tensor_parallel"]
-    assert tp["world_size"] == 2 and not tp["replicated"]
+    assert tp["world_size"] == 2 and list(tp["replicated"].values()) == ["the lm_head (vocab=replicated)"]
     assert len(tp["sharded"]) == 4  # 2 layers x (attention, MLP)
     assert sum(v.startswith("heads") for v in tp["sharded"].values()) == 2
     # each rank caches its own KV heads: the cache inputs and outputs are sharded on the head dim
@@ -122,3 +122,27 @@ def test_weight_only_quantization_after_it_scales_each_shard():
     rank = rank_ir(ir, 1)
     ints = [n for n, t in rank.graph_module.state_dict().items() if t.dtype == torch.int8]
     assert ints and all("tp1" in n for n in ints if "layers" in n), ints
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_vocab_sharding_splits_the_lm_head_and_its_tied_table(family):
+    """vocab=sharded: the lm_head's rows and the (tied) embedding table split by vocabulary; the
+    logits all-gathered (whole on every rank), the lookup masked and all-reduced; a rank holds half
+    of nearly everything (the norms and position tables stay whole)."""
+    model = _model(family, seed=5)
+    _, ir, report, _ = graphopt.optimize(model, _examples(), pipeline=PIPE[:-1] + ",vocab=sharded)")
+    assert report.passes[-1]["verify"]["passed"]
+    tp = ir.meta["tensor_parallel"]
+    assert not tp["replicated"] and "logits" not in tp["sharded_outputs"]
+    assert sum("vocabulary 128 -> 64" in v for v in tp["sharded"].values()) == 1
+    assert sum("embedding rows 128 -> 64" in v for v in tp["sharded"].values()) == 1
+    ops = [n.target for n in ir.graph.nodes if n.op == "call_function"]
+    assert ops.count(ALL_GATHER) == 1
+    full = sum(t.numel() for t in model.state_dict().values() if t.dim() == 2)
+    for r in range(2):
+        rank = rank_ir(ir, r)
+        tables = sum(t.numel() for n, t in rank.graph_module.state_dict().items() if t.dim() == 2)
+        small = sum(t.numel() for n, t in rank.graph_module.state_dict().items() if "_tp" not in n)
+        assert tables - small <= full // 2 and small < full // 20, (tables, small, full)
+        gathers = [n for n in rank.graph.nodes if n.target is torch.ops._c10d_functional.all_gather_into_tensor.default]
+        assert len(gathers) == 1
