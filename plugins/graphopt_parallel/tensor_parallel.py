@@ -184,10 +184,10 @@ class TensorParallel(Pass):
                 vocab = g.units
                 _shard(gm, tracer, g, n, sharded_inputs, names, shards, gather=ALL_GATHER)
                 sharded[g.label] = f"vocabulary {vocab} -> {vocab // n} per rank (logits all-gathered)"
-                for node in [x for x in gm.graph.nodes if _embedding_table(gm, x, vocab) is not None]:
-                    _shard_embedding(gm, node, n, shards)
+                for node in [x for x in gm.graph.nodes if _embedding_table(gm, x, vocab, g) is not None]:
                     sharded[f"{node.name} ({node.args[0].target})"] = (f"embedding rows {vocab} -> {vocab // n} "
                                                                        "per rank (masked lookup, all-reduced)")
+                    _shard_embedding(gm, node, n, shards)
         sharded_outputs = {s.name: v.args[1] for s, v in zip(ir.outputs, ir.output_values())
                            if isinstance(v, Node) and v.target is GATHER}
         ir.meta["tensor_parallel"] = {"world_size": n, "sharded_inputs": sharded_inputs,
@@ -213,11 +213,17 @@ def _is_vocab_head(g: Group, tr: ShardTracer) -> bool:
     return any(tr.tags[o][0] in cids for o in tr.outputs)
 
 
-def _embedding_table(gm: torch.fx.GraphModule, node: Node, vocab: int) -> torch.Tensor | None:
+def _embedding_table(gm: torch.fx.GraphModule, node: Node, vocab: int, head: Group) -> torch.Tensor | None:
+    """The token-embedding table ``node`` looks up: the lm_head's own (tied), or a table of the vocabulary's
+    rows indexed by a graph input (the token ids; a position table is indexed by computed positions)."""
     if node.op != "call_function" or node.target is not aten.embedding.default:
         return None
-    t = get_constant(gm, node.args[0])
-    return t if t is not None and t.dim() == 2 and t.shape[0] == vocab else None
+    table, ids = node.args[0], node.args[1]
+    t = get_constant(gm, table)
+    if t is None or t.dim() != 2 or t.shape[0] != vocab:
+        return None
+    tied = any(str(site.weight.target) == str(table.target) for _, site in head.producers)
+    return t if tied or (isinstance(ids, Node) and ids.op == "placeholder") else None
 
 
 def _sliced(gm: torch.fx.GraphModule, attr: Node, dim: int, idx: torch.Tensor, r: int, before: Node,

@@ -128,7 +128,7 @@ def test_weight_only_quantization_after_it_scales_each_shard():
 def test_vocab_sharding_splits_the_lm_head_and_its_tied_table(family):
     """vocab=sharded: the lm_head's rows and the (tied) embedding table split by vocabulary; the
     logits all-gathered (whole on every rank), the lookup masked and all-reduced; a rank holds half
-    of nearly everything (the norms and position tables stay whole)."""
+    of nearly everything (the norms and GPT-2's position table stay whole)."""
     model = _model(family, seed=5)
     _, ir, report, _ = graphopt.optimize(model, _examples(), pipeline=PIPE[:-1] + ",vocab=sharded)")
     assert report.passes[-1]["verify"]["passed"]
@@ -143,6 +143,6 @@ def test_vocab_sharding_splits_the_lm_head_and_its_tied_table(family):
         rank = rank_ir(ir, r)
         tables = sum(t.numel() for n, t in rank.graph_module.state_dict().items() if t.dim() == 2)
         small = sum(t.numel() for n, t in rank.graph_module.state_dict().items() if "_tp" not in n)
-        assert tables - small <= full // 2 and small < full // 20, (tables, small, full)
+        assert tables - small <= full // 2 and small < full // 10, (tables, small, full)  # norms, GPT-2 positions
         gathers = [n for n in rank.graph.nodes if n.target is torch.ops._c10d_functional.all_gather_into_tensor.default]
         assert len(gathers) == 1
