@@ -7,7 +7,10 @@ the checkpoint directory for the torch target (the one whose programs carry coll
 verification on; the N-rank artifact's check runs its N rank programs in N processes on gloo:
 
 - 1 rank: ``cleanup,fuse,kv-cache``;
-- N ranks: ``cleanup,fuse,kv-cache,tensor-parallel(world_size=N)``.
+- N ranks: ``cleanup,fuse,kv-cache,tensor-parallel(world_size=N)`` (attention and MLPs split, the
+  embedding table / tied lm_head replicated);
+- N ranks, vocab sharded: ``...,tensor-parallel(world_size=N,vocab=sharded)`` (the table and the
+  lm_head split by vocabulary too).
 
 Decode (prompt 16 tokens, 64 new, batch 1, greedy): the 1-rank artifact in one process with all
 the run's threads; the N-rank artifact under ``torchrun --standalone --nproc-per-node N`` with
@@ -67,6 +70,7 @@ class Params:
     warmup: int = 1
     iters: int = 3
     rounds: int = 2
+    vocab_sharded: bool = True  # also N ranks with tensor-parallel(..., vocab=sharded)
     device: str = "cpu"  # "cuda": NCCL, one GPU per rank
     tokenizer_vocab: int = 4096
     seed: int = 0
@@ -92,7 +96,7 @@ def run(ctx: BenchContext, p: Params) -> CaseResult:
     title, config = MODELS[p.model]
     tp_pipeline = f"{p.pipeline},tensor-parallel(world_size={n})"
     result = CaseResult("parallel", CASE.title, "parallel", {
-        "model": title, "pipelines": {"1 rank": p.pipeline, f"{n} ranks": tp_pipeline}, "target": "torch",
+        "model": title, "target": "torch",
         "device": p.device, "backend": "nccl" if p.device.startswith("cuda") else "gloo",
         "threads": f"{ctx.threads} for 1 rank, {max(1, ctx.threads // n)} per rank for {n}",
         "prompt_len": p.prompt_len, "new_tokens": p.new_tokens, "batch": 1, "warmup": warmup, "iters": iters,
@@ -114,9 +118,12 @@ def run(ctx: BenchContext, p: Params) -> CaseResult:
     result.settings["parameters"] = info["params"]
     prompt = info["prompt"]
 
-    arts: dict[int, Path] = {}
-    for ranks, pipeline in ((1, p.pipeline), (n, tp_pipeline)):
-        out = work / f"artifact_{ranks}"
+    variants = [("1 rank", 1, p.pipeline), (f"{n} ranks", n, tp_pipeline)]
+    if p.vocab_sharded:
+        variants.append((f"{n} ranks, vocab sharded", n, tp_pipeline[:-1] + ",vocab=sharded)"))
+    arts: dict[str, Path] = {}
+    for name, ranks, pipeline in variants:
+        out = work / _slug(name)
         shutil.rmtree(out, ignore_errors=True)
         label = f"graphopt {pipeline}"
         ctx.log(f"parallel: compiling {label} ...")
@@ -127,57 +134,63 @@ def run(ctx: BenchContext, p: Params) -> CaseResult:
         row["artifact_bytes"] = dir_bytes(out)
         if proc.ok:
             row.update(_graphopt_report(out))
-            arts[ranks] = out
+            arts[name] = out
         ctx.log(f"  {row['status']} in {proc.time_s:.1f}s, peak RSS {proc.peak_rss_bytes / GIB:.2f} GiB (with children)")
-    if len(arts) < 2:
+    if "1 rank" not in arts or len(arts) < 2:
         result.notes.append("an artifact failed to compile; no decode comparison")
         return result
 
     spec = {"prompt": prompt, "new_tokens": p.new_tokens, "warmup": warmup, "iters": iters, "device": p.device}
-    decodes: dict[int, list[dict[str, Any]]] = {1: [], n: []}
+    decodes: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants if name in arts}
     for rnd in range(p.rounds):
-        for ranks in (1, n):
-            art = arts[ranks]
-            cmd, res_file = worker_cmd("decode", {**spec, "artifact": str(art)}, logs / f"decode{ranks}-{rnd}",
-                                       module="bench.cases.parallel")
+        for name, ranks, _ in variants:
+            if name not in arts:
+                continue
+            cmd, res_file = worker_cmd("decode", {**spec, "artifact": str(arts[name])},
+                                       logs / f"decode-{_slug(name)}-{rnd}", module="bench.cases.parallel")
             denv = dict(env)
             if ranks > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                        *cmd[1:]]
                 denv["OMP_NUM_THREADS"] = str(max(1, ctx.threads // ranks))
-            ctx.log(f"parallel: decode round {rnd + 1}/{p.rounds}, {ranks} rank(s) ...")
-            proc = run_measured(cmd, logs / f"decode{ranks}-{rnd}.log", timeout_s=p.timeout_s, env=denv, tree=True)
+            ctx.log(f"parallel: decode round {rnd + 1}/{p.rounds}, {name} ...")
+            proc = run_measured(cmd, logs / f"decode-{_slug(name)}-{rnd}.log", timeout_s=p.timeout_s, env=denv,
+                                tree=True)
             files = [res_file] if ranks == 1 else [Path(f"{res_file}.rank{r}") for r in range(ranks)]
             per_rank = [_read_result(f) for f in files]
             if not proc.ok or not all(per_rank):
-                result.notes.append(f"decode with {ranks} rank(s), round {rnd + 1}: {proc.failure()}")
+                result.notes.append(f"decode, {name}, round {rnd + 1}: {proc.failure()}")
                 continue
-            decodes[ranks].append({"ranks": per_rank, "tree_peak_rss_bytes": proc.peak_rss_bytes})
+            decodes[name].append({"ranks": per_rank, "tree_peak_rss_bytes": proc.peak_rss_bytes})
 
-    if not decodes[1] or not decodes[n]:
+    if not decodes["1 rank"]:
         return result
-    ref_tokens = decodes[1][0]["ranks"][0]["tokens"]
-    single_tps = None
-    for ranks in (1, n):
-        runs = decodes[ranks]
+    ref = decodes["1 rank"][0]["ranks"][0]
+    one_tps = None
+    for name, ranks, pipeline in variants:
+        runs = decodes.get(name) or []
+        if not runs:
+            continue
         times = [t for r in runs for t in r["ranks"][0]["times_s"]]
         tps = summarize([p.new_tokens / t for t in times])
-        single_tps = single_tps or tps["median"]
+        one_tps = one_tps or tps["median"]
         first = runs[0]["ranks"]
-        same = all(r["ranks"][k]["tokens"] == ref_tokens for r in runs for k in range(ranks))
-        label = f"decode, {ranks} rank{'s' * (ranks > 1)}"
-        _row(result, p.model, label, BASELINE if ranks == 1 else GRAPHOPT, "decode", ranks=ranks,
-             tokens_per_s=tps, vs_one_rank=round(tps["median"] / single_tps, 3),
-             weight_bytes_per_rank=[x["weight_bytes"] for x in first],
-             peak_rss_per_rank=[max(r["ranks"][k]["hwm_bytes"] for r in runs) for k in range(ranks)],
-             rss_after_load_per_rank=[x["rss_load_bytes"] for x in first],
-             tokens_identical=same, device=first[0]["device"])
-    one, many = (next(r for r in result.rows if r["stage"] == "decode" and r["ranks"] == k) for k in (1, n))
-    share = many["weight_bytes_per_rank"][0] / one["weight_bytes_per_rank"][0]
-    result.notes.append(f"each of {n} ranks holds {share:.1%} of the 1-rank program's weight bytes "
-                        f"({many['weight_bytes_per_rank'][0] / GIB:.2f} of {one['weight_bytes_per_rank'][0] / GIB:.2f} GiB; "
-                        "the embedding table (tied lm_head) is replicated, every attention and MLP GEMM is split)")
+        same = all(x["tokens"] == ref["tokens"] for r in runs for x in r["ranks"])
+        row = _row(result, p.model, f"decode, {name}", BASELINE if ranks == 1 else GRAPHOPT, "decode", ranks=ranks,
+                   pipeline=pipeline, tokens_per_s=tps, vs_one_rank=round(tps["median"] / one_tps, 3),
+                   weight_bytes_per_rank=[x["weight_bytes"] for x in first],
+                   peak_rss_per_rank=[max(r["ranks"][k]["hwm_bytes"] for r in runs) for k in range(ranks)],
+                   rss_after_load_per_rank=[x["rss_load_bytes"] for x in first],
+                   tokens_identical=same, device=first[0]["device"])
+        if ranks > 1:
+            share = row["weight_bytes_per_rank"][0] / ref["weight_bytes"]
+            result.notes.append(f"{name}: each rank holds {share:.1%} of the 1-rank program's weight bytes "
+                                f"({_size(row['weight_bytes_per_rank'][0])} of {_size(ref['weight_bytes'])})")
     return result
+
+
+def _size(b: int) -> str:
+    return f"{b / GIB:.2f} GiB" if b >= GIB else f"{b / 2**20:.2f} MiB"
 
 
 CASE = Case(
