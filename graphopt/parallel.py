@@ -13,7 +13,10 @@ quantization: per-rank scales) rewrite each shard on its own. Three ops mark whe
 - ``graphopt::tp_shard(x, dim, rank, world_size)``: a graph input each rank holds only a slice of
   (its KV heads' cache). Simulated: the slice; rank ``r``: the input itself, ``1/N`` as large;
 - ``graphopt::tp_gather(parts, dim)``: a graph output each rank returns its slice of (the present
-  cache). Simulated: the concatenation; rank ``r``: ``parts[r]``.
+  cache). Simulated: the concatenation; rank ``r``: ``parts[r]``;
+- ``graphopt::tp_all_gather(parts, dim)``: a value every rank needs whole (the logits of a lm_head
+  split by vocabulary). Simulated: the concatenation; rank ``r``: ``all_gather_into_tensor`` of its
+  part (along ``dim``, moved to the front and back).
 
 :func:`rank_ir` cuts rank ``r``'s program out of the simulated graph (the other ranks' shards are
 dead code once the markers are replaced). The artifact holds one program per rank and a
@@ -132,9 +135,9 @@ def local_specs(specs: list, sharded: dict[str, int], world_size: int) -> list:
 
 def rank_ir(ir: Any, rank: int) -> Any:
     """Rank ``rank``'s program cut from the simulated graph: ``tp_reduce`` becomes a functional
-    all-reduce of this rank's part, ``tp_shard`` of this rank the input itself, ``tp_gather`` this
-    rank's part; the other ranks' shards are then dead and dropped. Weights are shared with ``ir``;
-    the example inputs are this rank's slices."""
+    all-reduce of this rank's part, ``tp_all_gather`` a functional all-gather of it, ``tp_shard`` of
+    this rank the input itself, ``tp_gather`` this rank's part; the other ranks' shards are then dead
+    and dropped. Weights are shared with ``ir``; the example inputs are this rank's slices."""
     tp = ir.meta["tensor_parallel"]
     n = int(tp["world_size"])
     out = ir.copy()
@@ -161,8 +164,10 @@ def rank_ir(ir: Any, rank: int) -> Any:
     erase_dead(g, list(g.nodes))  # the other ranks' shards (placeholders stay: the interface is rank-independent)
     left = [node.name for node in g.nodes if node.op == "call_function" and node.target in MARKERS]
     if left:
-        raise ArtifactError(f"rank {rank}'s program still reads other ranks' shards ({', '.join(left[:3])}); a pass "
-                            "after tensor-parallel mixed the ranks: put tensor-parallel last but quantize")
+        from graphopt.errors import BackendError
+
+        raise BackendError(f"rank {rank}'s program still reads other ranks' shards ({', '.join(left[:3])}); a pass "
+                           "after tensor-parallel mixed the ranks: put tensor-parallel last but quantize")
     out.inputs = local_specs(out.inputs, tp["sharded_inputs"], n)
     out.outputs = local_specs(out.outputs, tp["sharded_outputs"], n)
     out.example_inputs = [shard_tensor(t, tp["sharded_inputs"].get(s.name), rank, n)

@@ -147,6 +147,7 @@ HEAVY = {
     "tests/test_bench.py::test_scale_case_quick_on_the_tiny_model",
     "tests/test_bench.py::test_minilm_case_quick_tiny",
     "tests/test_bench.py::test_compile_case_quick_on_nanogpt",
+    "tests/test_bench.py::test_parallel_case_quick_on_the_tiny_model",  # tests/test_parallel.py stays
     # every sample README's commands; the CLI round trips below and make demo cover the commands
     "tests/test_samples.py::test_readme_commands_run",
     # remove-padding on MiniLM: GPT-2's flattened rows and the pass's own tests stay

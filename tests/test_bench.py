@@ -220,6 +220,11 @@ def test_scale_measures_a_child_and_survives_its_kill(tmp_path):
     assert slow.timed_out and not slow.ok and "timed out" in slow.failure()
     capped = run_measured([sys.executable, "-c", grow], tmp_path / "capped.log", timeout_s=60, max_rss_gib=0.1)
     assert capped.capped == 0.1 and not capped.ok and "past the 0.1 GiB cap" in capped.failure()
+    # tree=True: a process's children count too (the tensor-parallel check's rank processes)
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grow!r}])"
+    alone = run_measured([sys.executable, "-c", parent], tmp_path / "alone.log", timeout_s=60)
+    tree = run_measured([sys.executable, "-c", parent], tmp_path / "tree.log", timeout_s=60, tree=True)
+    assert alone.peak_rss_bytes < 200 * 2**20 <= 300 * 2**20 <= tree.peak_rss_bytes
 
 
 def test_scale_reads_phases_when_report_json_has_them(tmp_path):
@@ -299,6 +304,20 @@ def test_scale_case_quick_on_the_tiny_model(tmp_path):
     assert timed["graphopt cleanup"]["quality"]["token_agreement"] == 1.0
     assert timed["graphopt cleanup"]["throughput"]["median"] > 0
     assert data["floors"]["tiny · fp32"]["tokens_per_s"] > 0
+
+
+def test_parallel_case_quick_on_the_tiny_model(tmp_path):
+    """The parallel case end to end on the tiny Qwen2: three compiles, 1 rank and two 2-rank variants
+    decoded under torchrun, the same tokens, less weight per rank (half with the vocabulary split)."""
+    proc = run_bench("--cases", "parallel", "--quick", "--out", str(tmp_path), timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = check_files(tmp_path, "parallel")
+    assert [r["status"] for r in data["rows"] if r["stage"] == "compile"] == ["ok"] * 3
+    decode = [r for r in data["rows"] if r["stage"] == "decode"]
+    assert [r["ranks"] for r in decode] == [1, 2, 2] and all(r["tokens_identical"] for r in decode)
+    one, two, vocab = (r["weight_bytes_per_rank"] for r in decode)
+    assert len(two) == 2 and two[0] < one[0] and vocab[0] <= 0.51 * one[0]
+    assert all(r["tokens_per_s"]["median"] > 0 for r in decode)
 
 
 def test_serve_case_quick_on_the_trained_decoder(tmp_path):

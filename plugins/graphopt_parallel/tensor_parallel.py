@@ -279,11 +279,6 @@ def _shard(gm: torch.fx.GraphModule, tr: ShardTracer, g: Group, n: int, sharded_
               or (x in tr.split_tags and tr.split_tags[x][0] in cids)]
     in_region = set(region)
     inputs = [p for p in tr.inputs if tr.tags[p][0] in cids]
-    chain_of = {}
-    for c in g.chains:
-        for x in region:
-            if x in tr.tags and tr.tags[x][0] == c.id:
-                chain_of[x] = c
     producers = {s.node: (c, s) for c, s in g.producers}
     per = g.units // n
     keeps = [list(range(r * per, (r + 1) * per)) for r in range(n)]
