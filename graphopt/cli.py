@@ -188,6 +188,28 @@ def _secondary_rank(eng) -> bool:
     return eng.world_size > 1 and eng.rank != 0
 
 
+def _empty_cache_feeds(eng, feeds: dict) -> dict:
+    """A kv-cache artifact's stored examples are the model's own inputs: the cache inputs they lack
+    are an empty cache (a prefill), so the logits compare with the model's."""
+    gen = eng.manifest.get("generation")
+    if not gen or gen["ids"] not in feeds:
+        return {}
+    import torch
+
+    from graphopt.runtime.generation import empty_cache_input
+
+    batch = feeds[gen["ids"]].shape[0]
+    out = {}
+    for spec in eng.inputs:
+        if spec.name in feeds:
+            continue
+        if spec.name in gen["cache_inputs"]:
+            out[spec.name] = empty_cache_input(spec, batch)
+        elif spec.name == gen.get("cache_position"):
+            out[spec.name] = torch.zeros(1, dtype=torch.int64)
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -209,6 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         feeds = eng.example_inputs()  # bfloat16 examples come back as torch tensors (numpy has none)
         expected = eng.expected_outputs()
+        feeds.update(_empty_cache_feeds(eng, feeds))
     flat = eng.bind(**feeds)
     t0 = time.perf_counter()
     outs = [o.detach().cpu() for o in eng.run_flat(flat)]
@@ -222,8 +245,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # numpy has no bfloat16: such outputs are written as float32, which holds them exactly
     arrays = {n: to_numpy(o) for n, o in zip(eng.output_names, outs)}
     ranks = f" on {eng.world_size} ranks (tensor-parallel)" if eng.world_size > 1 else ""
+    prefill = " (a prefill: empty KV cache)" if eng.manifest.get("generation") and expected is not None else ""
     print(f"ran {eng.path} ({eng.target}){ranks} in {dt * 1000:.1f} ms on "
-          f"{'the stored example inputs' if expected is not None else args.inputs}")
+          f"{'the stored example inputs' + prefill if expected is not None else args.inputs}")
     for n, o in zip(eng.output_names, outs):
         widened = " (written as float32)" if args.output and o.dtype in RAW_BITS else ""
         print(f"  {n}: {str(o.dtype).replace('torch.', '')}{list(o.shape)}{widened}")

@@ -20,7 +20,7 @@ import torch
 
 from graphopt.artifact import FORMAT, SCHEMA_VERSION, ArtifactWriter
 from graphopt.capture import capture, plan_dynamic
-from graphopt.errors import InputError, VerificationError
+from graphopt.errors import InputError, VerificationError, first_line
 from graphopt.ir.graph_ir import GraphIR
 from graphopt.memory import PhaseTracker, release_memory
 from graphopt.passes.base import PassContext
@@ -335,6 +335,10 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
                     f"the {target} artifact does not reproduce the original graph: {low['verify']['message']}\n"
                     f"  the optimized graph verified; the lowering to {target!r} changed the numerics. "
                     f"Report this with the pipeline {rep.data['pipeline']!r}", record=low["verify"])
+        elif lowered.payload.get("runnable", True) and manifest.get("generation") and not manifest.get("tensor_parallel"):
+            # unverified, nothing probed the program's smallest sizes; generate starts from the
+            # shortest past the manifest allows, so that one is tried (torch.export may refuse 0)
+            low["notes"] += narrow_empty_past(backend, w.dir, manifest)
         if tokenizer:
             tok = Path(tokenizer)
             if not tok.is_file():
@@ -460,6 +464,54 @@ def _save_pass_files(d: Path, ir: GraphIR, manifest: dict) -> None:
         (d / name).write_text(text)
     if files:
         manifest["pass_files"] = sorted(files)
+
+
+def narrow_empty_past(backend: Any, path: Path, manifest: dict) -> list[str]:
+    """For an unverified decoder artifact: run its prefill at an empty past and at a past of one slot
+    (batch 2, 2 tokens); when only the second runs, the past's dynamic minimum becomes 1 in the
+    manifest (generate then starts with one masked slot, which changes nothing). Returns the note."""
+    from graphopt.ir.graph_ir import TensorSpec
+    from graphopt.runtime.generation import empty_cache_input
+
+    gen = manifest["generation"]
+    labels = {(spec["shape"][int(d)]) for spec in manifest["inputs"] if spec["name"] in gen["cache_inputs"]
+              for d, rng in spec["dynamic"].items() if rng[0] == 0 and isinstance(spec["shape"][int(d)], str)}
+    if len(labels) != 1:
+        return []
+    label = labels.pop()
+    specs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
+
+    def feeds(past: int) -> list[torch.Tensor]:
+        out = []
+        for spec in specs:
+            if spec.name in (gen["ids"], gen["attention_mask"]):
+                out.append(torch.ones(2, 2, dtype=torch.int64))
+            elif spec.name in gen["cache_inputs"]:
+                t = empty_cache_input(spec, 2)
+                shape = [past if spec.shape[i] == label else n for i, n in enumerate(t.shape)]
+                out.append(torch.zeros(shape, dtype=t.dtype))
+            else:
+                out.append(torch.zeros(1, dtype=torch.int64))  # a static cache's position
+        return out
+
+    runner = backend.load(path, manifest)
+    try:
+        try:
+            runner.run(feeds(0))
+            return []
+        except InputError as e:
+            why = first_line(str(e))
+        try:
+            runner.run(feeds(1))
+        except Exception:  # noqa: BLE001 - refused for another reason too: claim nothing
+            return []
+    finally:
+        runner.close()
+    for spec in manifest["inputs"]:
+        for d, rng in spec["dynamic"].items():
+            if spec["shape"][int(d)] == label and rng[0] == 0:
+                rng[0] = 1
+    return [f"dynamic range narrowed: {label} >= 1 (the lowered program rejects {label} = 0: {why})"]
 
 
 def _verification_summary(rep: Report) -> dict:

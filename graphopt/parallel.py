@@ -49,8 +49,9 @@ from graphopt.errors import ArtifactError, InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["tp_reduce", "tp_gather", "tp_shard", "rank_ir", "local_specs", "init_rank", "SpawnedRanks",
-           "TIMEOUT_ENV"]
+__all__ = ["ALL_GATHER", "GATHER", "MARKERS", "REDUCE", "SHARD", "TIMEOUT_ENV", "RankRunner", "SpawnedRanks",
+           "gather_outputs", "init_rank", "local_specs", "rank_ir", "shard_named", "shard_tensor", "tp_all_gather",
+           "tp_gather", "tp_reduce", "tp_shard"]
 
 TIMEOUT_ENV = "GRAPHOPT_TP_TIMEOUT"
 GROUP = "0"  # torch.distributed's default (world) group name, resolved by the functional collectives

@@ -283,3 +283,33 @@ def test_bf16_decoder_with_kv_cache_on_the_default_target(tmp_path):
     assert art.manifest["payload"]["compute_dtype"] == "float32"
     out = graphopt.load(art.path).generate(ids, max_new_tokens=8)
     assert out.shape == (1, 14) and out.stop_reason == "max_new_tokens"
+
+
+def test_an_unverified_torch_decoder_generates(tmp_path):
+    """--no-verify skips the probes that find the smallest past a torch.export program takes; the
+    compile still tries an empty past, so generate works on the first try, with the verified
+    artifact's tokens."""
+    model = _model("llama", seed=6)
+    ids = _prompt(2, 8)
+    ex = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    fast = graphopt.compile(model, ex, pipeline="cleanup,fuse,kv-cache", target="torch", out=tmp_path / "fast",
+                            verify=False, report=None)
+    assert any("past >= 1" in n for n in fast.report["lowering"]["notes"]), fast.report["lowering"]["notes"]
+    checked = graphopt.compile(model, ex, pipeline="cleanup,fuse,kv-cache", target="torch", out=tmp_path / "checked",
+                               report=None)
+    prompt = _prompt(1, 5, seed=9)
+    assert torch.equal(graphopt.load(fast.path).generate(prompt, 10), graphopt.load(checked.path).generate(prompt, 10))
+
+
+@pytest.mark.parametrize("target", ["onnx", "torch"])
+def test_graphopt_run_replays_a_kv_cache_artifacts_examples(tmp_path, target, capsys):
+    """The stored examples of a kv-cache artifact are the model's own inputs: run feeds an empty cache
+    (a prefill) and compares the logits with the model's."""
+    from graphopt.cli import main
+
+    ids = _prompt(2, 8)
+    art = graphopt.compile(_model("qwen2"), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                           pipeline="cleanup,fuse,kv-cache", target=target, out=tmp_path / "a", report=None)
+    assert main(["run", str(art.path)]) == 0
+    out = capsys.readouterr().out
+    assert "a prefill: empty KV cache" in out and "(ok," in out

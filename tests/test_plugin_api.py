@@ -1,6 +1,6 @@
 """The plugin author's API: the built-in plugins and the sample plugin use only public names
-(``__all__`` of graphopt, graphopt.fx, graphopt.ir, graphopt.verify, graphopt.testing; the typed
-errors; ``hookimpl``), so everything a third party needs is public; and the helpers behave."""
+(``__all__`` of graphopt, graphopt.fx, graphopt.ir, graphopt.verify, graphopt.testing,
+graphopt.parallel; the typed errors; ``hookimpl``), so everything a third party needs is public; and the helpers behave."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import graphopt
 import graphopt.errors
 import graphopt.fx
 import graphopt.ir
+import graphopt.parallel
 import graphopt.testing
 import graphopt.verify
 
@@ -25,6 +26,7 @@ PUBLIC = {
     "graphopt.ir": set(graphopt.ir.__all__),
     "graphopt.verify": set(graphopt.verify.__all__),
     "graphopt.testing": set(graphopt.testing.__all__),
+    "graphopt.parallel": set(graphopt.parallel.__all__),
     "graphopt.errors": {n for n, v in vars(graphopt.errors).items()
                         if inspect.isclass(v) and issubclass(v, Exception) and not n.startswith("_")},
     "graphopt.hookspecs": {"hookimpl", "hookspec"},
