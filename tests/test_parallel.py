@@ -41,6 +41,13 @@ def artifacts(tmp_path_factory):
         tp = graphopt.compile(model, _examples(), pipeline="cleanup,fuse,kv-cache,tensor-parallel(world_size=2)",
                               target="torch", out=d / f"{fam}-2", report=None)
         out[fam] = (single, tp)
+    # a static cache (index_copy into the cache buffers), each rank writing its own KV heads
+    static = "cleanup,fuse,kv-cache(static=true,max_len=64)"
+    out["qwen2-static"] = (
+        graphopt.compile(_model("qwen2", seed=4), _examples(), pipeline=static, target="torch",
+                         out=d / "qwen2-static-1", report=None),
+        graphopt.compile(_model("qwen2", seed=4), _examples(), pipeline=static + ",tensor-parallel(world_size=2)",
+                         target="torch", out=d / "qwen2-static-2", report=None))
     # the lm_head and its tied embedding table split by vocabulary too: the same tokens
     out["llama-vocab"] = (out["llama"][0], graphopt.compile(
         _model("llama", seed=4), _examples(), target="torch", out=d / "llama-vocab-2", report=None,
@@ -84,7 +91,7 @@ for fam, single, tp in json.loads(sys.argv[1]):
     mask[2, :2] = 0
     one = torch.randint(0, 128, (1, 5), generator=g)
     a, b = eng.generate(ids, 16, attention_mask=mask), ref.generate(ids, 16, attention_mask=mask)
-    c, d = eng.generate(one, 20), ref.generate(one, 20)
+    c, d = eng.generate(one, 20), ref.generate(one, 20)  # 25 of a static cache's 64 slots
     res[fam] = {"batch": torch.equal(a, b), "single": torch.equal(c, d), "tokens": a[:, -16:].tolist(),
                 "rank_bytes": weight_bytes(eng), "full_bytes": weight_bytes(ref), "rank": eng.rank,
                 "world_size": eng.world_size,
@@ -101,7 +108,7 @@ def test_two_gloo_ranks_decode_the_single_rank_tokens(artifacts, tmp_path):
     r = _torchrun(tmp_path, GENERATE, json.dumps(pairs), str(res_file))
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"res.json.{k}").read_text()) for k in range(2)]
-    for fam in [*FAMILIES, "llama-vocab"]:
+    for fam in [*FAMILIES, "llama-vocab", "qwen2-static"]:
         r0, r1 = ranks[0][fam], ranks[1][fam]
         assert r0["batch"] and r0["single"] and r1["batch"] and r1["single"], fam
         assert r0["tokens"] == r1["tokens"]  # every rank returns the tokens

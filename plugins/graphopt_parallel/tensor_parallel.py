@@ -43,7 +43,7 @@ from typing import Literal
 
 import torch
 import torch.fx
-from graphopt_prune.dependency import Group, Tracer
+from graphopt_prune.dependency import Blocked, Group, Tracer
 from graphopt_prune.sites import Site, get_constant
 
 from graphopt import Pass, PassContext, PassResult
@@ -84,7 +84,24 @@ class ShardTracer(Tracer):
         if node.op == "output":
             self.outputs.extend(a for a in node.all_input_nodes if a in self.tags)
             return
+        if packet(node) is aten.index_copy and self._index_copy(node):
+            return
         super()._step(node)
+
+    def _index_copy(self, node: Node) -> bool:
+        """A static cache: ``index_copy(past, seq dim, positions, new)`` writes the new keys into the
+        cache input; the cache is sharded with them (along their tracked axis, not the written dim)."""
+        base, dim, index, src = node.args[:4]
+        if src not in self.tags or base in self.tags or index in self.tags or not isinstance(base, Node) \
+                or base.op != "placeholder":
+            return False
+        cid, axis = self.tags[src]
+        if len(self.shapes.of(base) or []) != len(self.shapes.of(src) or []) or dim % len(self.shapes.of(base)) == axis:
+            raise Blocked("writes the cache along the sharded dim")
+        self.emit(base, [], axis, heads_hint=True)
+        self.inputs[base] = node
+        self.emit(node, [self.tags[base][0], cid], axis, heads_hint=True)
+        return True
 
     def run(self) -> list[Group]:
         groups = super().run()
@@ -139,7 +156,7 @@ class TensorParallel(Pass):
         producer_nodes: set[Node] = set()
         for g in groups:
             if g.blocked:
-                if g.sinks:
+                if g.sinks or g.kind == "heads":
                     replicated[g.label] = g.blocked
                 continue
             prods = {s.node for _, s in g.producers}

@@ -146,3 +146,14 @@ def test_vocab_sharding_splits_the_lm_head_and_its_tied_table(family):
         assert tables - small <= full // 2 and small < full // 10, (tables, small, full)  # norms, GPT-2 positions
         gathers = [n for n in rank.graph.nodes if n.target is torch.ops._c10d_functional.all_gather_into_tensor.default]
         assert len(gathers) == 1
+
+
+def test_a_static_cache_is_sharded_with_its_heads():
+    """kv-cache(static=true) writes the new keys into the cache inputs with index_copy: each rank's
+    buffers hold its own KV heads, as with the dynamic cache."""
+    _, ir, report, _ = graphopt.optimize(_model("llama"), _examples(),
+                                         pipeline="cleanup,fuse,kv-cache(static=true,max_len=32),tensor-parallel")
+    assert report.passes[-1]["verify"]["passed"]
+    tp = ir.meta["tensor_parallel"]
+    assert sum(v.startswith("heads") for v in tp["sharded"].values()) == 2
+    assert tp["sharded_inputs"] == {f"past_{k}_{i}": 1 for i in range(2) for k in ("key", "value")}
