@@ -183,3 +183,11 @@ def test_a_rank_that_dies_is_an_error_on_the_others_not_a_hang(artifacts, tmp_pa
     assert res["error"] == "RuntimeFailure", res
     assert "a collective failed" in res["message"] and "another rank died" in res["message"]
     assert res["seconds"] < 25 and time.perf_counter() - t < 120
+
+
+def test_serve_refuses_a_tensor_parallel_artifact(artifacts, capsys):
+    from graphopt.cli import main
+
+    _, arts = artifacts
+    assert main(["serve", str(arts["llama"][1].path), "--port", "0"]) == 2
+    assert "tensor-parallel over 2 ranks, and graphopt serve runs one process" in capsys.readouterr().err

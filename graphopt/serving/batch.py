@@ -37,6 +37,11 @@ def check_servable(manifest: dict[str, Any], path: Any) -> dict[str, Any]:
     if not gen.get("attention_mask"):
         raise InputError(f"{path} takes no attention_mask, so rows of different lengths cannot share a batch; "
                          "compile the model with its attention_mask input")
+    tp = manifest.get("tensor_parallel")
+    if tp:  # N ranks must make the same calls in the same order: one server process cannot drive them yet
+        raise InputError(f"{path} is tensor-parallel over {tp['world_size']} ranks, and graphopt serve runs one "
+                         "process; serve an artifact compiled without tensor-parallel, or drive the ranks yourself "
+                         "under torchrun (README: Tensor parallelism)")
     return gen
 
 
