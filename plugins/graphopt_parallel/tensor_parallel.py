@@ -302,6 +302,7 @@ def _shard(gm: torch.fx.GraphModule, tr: ShardTracer, g: Group, n: int, sharded_
     # shape arguments, splits and per-unit constants of each chain, by node
     shape_args = {(x, pos): c for c in g.chains for x, pos in c.shape_args}
     splits = {x: c for c in g.chains for x in c.splits}
+    slices = {x: (c, i) for c in g.chains for x, i in c.slices}
     consts = {(user, attr): (c, dim) for c in g.chains for user, attr, dim in c.consts}
     envs: list[dict[Node, Node]] = [{} for _ in range(n)]
 
@@ -340,6 +341,10 @@ def _shard(gm: torch.fx.GraphModule, tr: ShardTracer, g: Group, n: int, sharded_
                     sizes = list(new.args[1])
                     sizes[pos] = sum(g.index(c, keeps[r])[1])
                     new.args = (new.args[0], sizes, *new.args[2:])
+            if x in slices:  # one of a set of slices that tile the dim: its segment of this rank's
+                c, i = slices[x]
+                _, segments = g.index(c, keeps[r])
+                new.args = (new.args[0], new.args[1], sum(segments[:i]), sum(segments[: i + 1]), *new.args[4:])
             if x in splits:
                 _, segments = g.index(splits[x], keeps[r])
                 dim = new.args[2] if len(new.args) > 2 else new.kwargs.get("dim", 0)

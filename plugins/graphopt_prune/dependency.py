@@ -106,6 +106,7 @@ class Chain:
     sinks: list[Site] = field(default_factory=list)
     shape_args: list[tuple[Node, int]] = field(default_factory=list)  # (view/expand node, position)
     splits: list[Node] = field(default_factory=list)
+    slices: list[tuple[Node, int]] = field(default_factory=list)  # (slice node, segment) of a tiling set
     consts: list[tuple[Node, Node, int]] = field(default_factory=list)  # (user, get_attr, dim)
     resized_children: bool = False  # a view changed the axis size below this chain
     heads: bool = False  # the axis is not the last dim somewhere (attention)
@@ -589,11 +590,44 @@ def _reduce(tr: Tracer, node: Node, cid: int, axis: int, in_shape: list[int]) ->
     tr.emit(node, [cid], axis if keep else axis - sum(1 for d in dims if d < axis))
 
 
+def _static_range(node: Node, size: int) -> tuple[int, int] | None:
+    """(start, end) of ``aten.slice(x, dim, start, end[, 1])`` with constant bounds, clamped to ``size``."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    start, end, step = args[2] if args[2] is not None else 0, args[3], args[4] if args[4] is not None else 1
+    if end is None:
+        end = size
+    if not all(isinstance(v, int) for v in (start, end, step)) or step != 1:
+        return None
+    start, end = (v + size if v < 0 else v for v in (start, end))
+    return max(0, min(start, size)), max(0, min(end, size))
+
+
 def _slice(tr: Tracer, node: Node, cid: int, axis: int, in_shape: list[int]) -> None:
     d = _norm(node.args[1] if len(node.args) > 1 else 0, len(in_shape))
-    if d == axis and tr.shapes.of(node)[axis] != in_shape[axis]:
+    if d != axis or tr.shapes.of(node)[axis] == in_shape[axis]:
+        tr.emit(node, [cid], axis)
+        return
+    # slices with constant bounds that tile the dim (Phi-3's qkv[..., :q], [q:q+k], [q+k:]) are a
+    # split: the pieces become the chain's segments, each slice one of them
+    size, src = in_shape[axis], node.args[0]
+    siblings = [u for u in src.users if u.op == "call_function" and getattr(u.target, "overloadpacket", None)
+                is aten.slice and _norm(u.args[1] if len(u.args) > 1 else 0, len(in_shape)) == axis]
+    ranges = sorted((r, u) for u in siblings if (r := _static_range(u, size)) is not None)
+    bounds = [r for r, _ in ranges]
+    if len(ranges) != len(siblings) or not bounds or bounds[0][0] != 0 or bounds[-1][1] != size or any(
+            a[1] != b[0] for a, b in zip(bounds, bounds[1:])) or any(a >= b for a, b in bounds):
         raise Blocked("slices the pruned dim")
-    tr.emit(node, [cid], axis)
+    sizes = [b - a for a, b in bounds]
+    chain = tr.chains[cid]
+    if chain.segments is not None and chain.segments != sizes:
+        raise Blocked("split twice along the pruned dim")
+    chain.segments = sizes
+    i = next(k for k, (_, u) in enumerate(ranges) if u is node)
+    piece = tr.new_chain(sizes[i])
+    tr.union(piece.id, cid)
+    piece.heads = chain.heads
+    chain.slices.append((node, i))
+    tr.tags[node] = (piece.id, axis)
 
 
 def _split(tr: Tracer, node: Node, cid: int, axis: int, in_shape: list[int]) -> None:
@@ -621,9 +655,10 @@ RULES = {
     **dict.fromkeys(_SOFTMAX, _softmax),  # over another dim only
     **dict.fromkeys(_NORMS, _norm_layer),  # the normalized trailing dims must not hold the axis
     **dict.fromkeys(_REDUCE, _reduce),  # reduced dims must not hold the axis; keepdim decides the shift
-    aten.slice: _slice,  # slicing along the axis blocks, along another dim is transparent
+    aten.slice: _slice,  # along another dim transparent; along the axis a split when the slices tile it
     aten.split: _split,  # along the axis: the pieces become the chain's segments (getitem picks one)
     aten.split_with_sizes: _split,
+    aten.chunk: _split,  # equal pieces: a split
     aten.cat: lambda tr, node, *_: tr._cat(node),  # chains of the inputs meet, or their sizes add up
     aten.matmul: lambda tr, node, *_: tr._matmul(node),  # batch dims carry it; contracting it makes a sink
     aten.bmm: lambda tr, node, *_: tr._matmul(node),

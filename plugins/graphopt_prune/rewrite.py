@@ -62,6 +62,8 @@ def apply(gm: torch.fx.GraphModule, group: Group, keep: list[int]) -> None:
             sizes = list(node.args[1])
             sizes[pos] = new_size
             node.args = (node.args[0], sizes, *node.args[2:])
+        for node, i in chain.slices:
+            node.args = (node.args[0], node.args[1], sum(segments[:i]), sum(segments[: i + 1]), *node.args[4:])
         for node in chain.splits:
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
             node.target = aten.split_with_sizes.default

@@ -108,6 +108,27 @@ def test_after_fuse_merged_qkv_split_and_gqa_sdpa():
     assert [tuple(n.meta["val"].shape[1:2]) for n in sdpa] == [(2,), (2,)]
 
 
+@pytest.mark.parametrize("structure", ["heads", "channels"])
+def test_phi3_sliced_qkv_and_chunked_gate_up(structure):
+    """Phi-3's one qkv_proj is cut by constant slices that tile its output, its gate_up_proj by chunk:
+    both are splits to the tracer, so heads and channels prune (the shrunk graph equals the masked one)."""
+    import transformers as tf
+
+    cfg = tf.Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, use_cache=False,
+                        attn_implementation="sdpa", pad_token_id=0)
+    torch.manual_seed(0)
+    model = tf.Phi3ForCausalLM(cfg).eval()
+    _, ir, report, _ = graphopt.optimize(model, {"input_ids": torch.randint(0, 128, (2, 8))},
+                                         pipeline=f"cleanup,fuse,prune(structure={structure},amount=0.5)")
+    stats = report.passes[-1]["stats"]
+    assert report.passes[-1]["verify"]["passed"] and stats["groups"] == 2 and not stats["blocked"]
+    assert stats["shrink_vs_mask_err"] < 1e-5 and stats["units_removed"] == (2 if structure == "heads" else 128)
+    if structure == "heads":
+        bounds = [tuple(n.args[2:4]) for n in ir.graph.nodes if n.target is aten.slice.Tensor and n.args[1] == 2]
+        assert bounds[:3] == [(0, 32), (32, 48), (48, 64)]  # q, k, v of the one KV head left per layer
+
+
 def test_before_fuse_the_fusions_still_apply():
     """prune first, then fuse: later passes are held to the pruned graph (the verifier's baseline
     moves after a lossy pass), and attention still fuses with GQA."""

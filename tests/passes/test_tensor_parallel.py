@@ -157,3 +157,21 @@ def test_a_static_cache_is_sharded_with_its_heads():
     tp = ir.meta["tensor_parallel"]
     assert sum(v.startswith("heads") for v in tp["sharded"].values()) == 2
     assert tp["sharded_inputs"] == {f"past_{k}_{i}": 1 for i in range(2) for k in ("key", "value")}
+
+
+def test_phi3_fused_qkv_sliced_and_gate_up_chunked():
+    """Phi-3 computes Q, K and V with one qkv_proj cut by constant slices, and gate/up with one
+    gate_up_proj cut by chunk: the slices tile the dim, so they shard like a split."""
+    import transformers as tf
+
+    cfg = tf.Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, use_cache=False,
+                        attn_implementation="sdpa", pad_token_id=0)
+    torch.manual_seed(0)
+    model = tf.Phi3ForCausalLM(cfg).eval()
+    _, ir, report, _ = graphopt.optimize(model, {"input_ids": _prompt(1, 6)}, pipeline="cleanup,fuse,kv-cache,tensor-parallel")
+    assert report.passes[-1]["verify"]["passed"]
+    tp = ir.meta["tensor_parallel"]
+    assert sorted(tp["sharded"].values()) == ["channels 128 -> 64 per rank"] * 2 + ["heads 2 -> 1 per rank"] * 2
+    slices = [n for n in rank_ir(ir, 0).graph.nodes if n.target is torch.ops.aten.slice.Tensor and n.args[1] == 2]
+    assert [tuple(n.args[2:4]) for n in slices][:3] == [(0, 32), (32, 48), (48, 64)]  # rank 0's q, k, v
