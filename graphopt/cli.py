@@ -151,6 +151,10 @@ def launch(args: argparse.Namespace) -> int:
     from graphopt.errors import InputError
 
     n = args.launch
+    if os.environ.get(RANK_STATUS_ENV) or os.environ.get("RANK"):
+        raise InputError("--launch inside a rank (under torchrun, or started by --launch): leave --launch out there")
+    if n < 1:
+        raise InputError(f"--launch {n}: the number of ranks must be positive")
     tp = read_manifest(args.dir).get("tensor_parallel")
     if not tp:
         raise InputError(f"--launch {n}: {args.dir} is not tensor-parallel (one program for one process); run it "
@@ -163,11 +167,11 @@ def launch(args: argparse.Namespace) -> int:
         if skip:
             skip = False
             continue
-        if a == "--launch":
-            skip = True
+        flag = a.split("=", 1)[0]
+        if len(flag) > 3 and "--launch".startswith(flag):  # --launch, or an abbreviation argparse took for it
+            skip = "=" not in a
             continue
-        if not a.startswith("--launch="):
-            argv.append(a)
+        argv.append(a)
     import tempfile
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",

@@ -335,7 +335,7 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
                     f"the {target} artifact does not reproduce the original graph: {low['verify']['message']}\n"
                     f"  the optimized graph verified; the lowering to {target!r} changed the numerics. "
                     f"Report this with the pipeline {rep.data['pipeline']!r}", record=low["verify"])
-        elif lowered.payload.get("runnable", True) and manifest.get("generation") and not manifest.get("tensor_parallel"):
+        elif target == "torch" and manifest.get("generation") and not manifest.get("tensor_parallel"):
             # unverified, nothing probed the program's smallest sizes; generate starts from the
             # shortest past the manifest allows, so that one is tried (torch.export may refuse 0)
             low["notes"] += narrow_empty_past(backend, w.dir, manifest)
@@ -467,7 +467,8 @@ def _save_pass_files(d: Path, ir: GraphIR, manifest: dict) -> None:
 
 
 def narrow_empty_past(backend: Any, path: Path, manifest: dict) -> list[str]:
-    """For an unverified decoder artifact: run its prefill at an empty past and at a past of one slot
+    """For an unverified torch-target decoder artifact (torch.export programs may refuse a size; ONNX
+    Runtime takes any): run its prefill at an empty past and at a past of one slot
     (batch 2, 2 tokens); when only the second runs, the past's dynamic minimum becomes 1 in the
     manifest (generate then starts with one masked slot, which changes nothing). Returns the note."""
     from graphopt.ir.graph_ir import TensorSpec
@@ -501,6 +502,8 @@ def narrow_empty_past(backend: Any, path: Path, manifest: dict) -> list[str]:
             return []
         except InputError as e:
             why = first_line(str(e))
+        except Exception:  # noqa: BLE001 - not a size refusal: claim nothing (verification would say more)
+            return []
         try:
             runner.run(feeds(1))
         except Exception:  # noqa: BLE001 - refused for another reason too: claim nothing

@@ -4,7 +4,7 @@ it, and the rank processes that run them on torch.distributed.
 The ``tensor-parallel`` pass (plugins/graphopt_parallel) rewrites a graph into ONE graph that
 holds every rank's shard side by side and still computes the original function, so it is verified
 like any other pass (the fp64 rule against the original) and later passes (weight-only
-quantization: per-rank scales) rewrite each shard on its own. Three ops mark where ranks meet:
+quantization: per-rank scales) rewrite each shard on its own. Four ops mark where ranks meet:
 
 - ``graphopt::tp_reduce(parts)``: the all-reduce after a row-parallel GEMM (o_proj, down). In the
   simulated graph, the sum of the ranks' partial products; in rank ``r``'s program,
@@ -26,8 +26,8 @@ and outputs are sharded along which dim; :func:`local_specs` gives a rank's view
 At load (:func:`init_rank`), the rank comes from the environment torchrun sets (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``); the world size must equal the artifact's; the process group is
 created when the caller has not (gloo on CPU, NCCL on CUDA) with a timeout
-(``GRAPHOPT_TP_TIMEOUT`` seconds, default 60), so a rank that dies becomes an error on the others,
-never a hang. :class:`SpawnedRanks` starts the ranks as torchrun would (same environment) and runs
+(``GRAPHOPT_TP_TIMEOUT`` seconds, default 60), so on gloo a rank that dies becomes an error on the
+others, never a hang (on NCCL, the process group's watchdog ends the survivors after the timeout). :class:`SpawnedRanks` starts the ranks as torchrun would (same environment) and runs
 them from one parent process: the compiler's artifact check uses it.
 """
 
@@ -39,6 +39,7 @@ import datetime
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +168,9 @@ def rank_ir(ir: Any, rank: int) -> Any:
     if left:
         from graphopt.errors import BackendError
 
-        raise BackendError(f"rank {rank}'s program still reads other ranks' shards ({', '.join(left[:3])}); a pass "
-                           "after tensor-parallel mixed the ranks: put tensor-parallel last but quantize")
+        raise BackendError(f"rank {rank}'s program still reads other ranks' shards ({', '.join(left[:3])}): a pass "
+                           "after tensor-parallel mixed the ranks (put tensor-parallel last but quantize), or the "
+                           "graph reads a size off a sharded value")
     out.inputs = local_specs(out.inputs, tp["sharded_inputs"], n)
     out.outputs = local_specs(out.outputs, tp["sharded_outputs"], n)
     out.example_inputs = [shard_tensor(t, tp["sharded_inputs"].get(s.name), rank, n)
@@ -235,6 +237,16 @@ def _env_int(name: str) -> int | None:
         raise InputError(f"environment variable {name}={v!r} is not an integer; torchrun sets it") from None
 
 
+RUN_TIMEOUT_ENV = "GRAPHOPT_TP_CHECK_TIMEOUT"  # seconds one call of the compiler's check may take (default 600)
+
+
+def _run_timeout_s() -> float:
+    try:
+        return max(1.0, float(os.environ.get(RUN_TIMEOUT_ENV, "600")))
+    except ValueError:
+        raise InputError(f"{RUN_TIMEOUT_ENV}={os.environ[RUN_TIMEOUT_ENV]!r} is not a number of seconds") from None
+
+
 def timeout_s() -> float:
     v = os.environ.get(TIMEOUT_ENV, "60")
     try:
@@ -244,6 +256,23 @@ def timeout_s() -> float:
     if t <= 0:
         raise InputError(f"{TIMEOUT_ENV}={v!r} must be positive")
     return t
+
+
+def rank_device(device: Any) -> str:
+    """The device of this rank's program: ``"cpu"`` (gloo) when none is asked for, even where torch
+    sees a GPU; ``"cuda"`` means this rank's own GPU, ``cuda:LOCAL_RANK`` (NCCL)."""
+    from graphopt.runtime.torch_runner import resolve_device
+
+    if device is None:
+        return "cpu"
+    dev = resolve_device(device)  # InputError where torch sees no GPU
+    if dev.type != "cuda":
+        return str(dev)
+    local = _env_int("LOCAL_RANK") or 0
+    if dev.index is not None and dev.index != local:
+        raise InputError(f"device {str(device)!r} on local rank {local}: each rank runs on its own GPU, "
+                         f"cuda:LOCAL_RANK; pass device='cuda'")
+    return f"cuda:{local}"
 
 
 def init_rank(path: Any, tp: dict, device: str | None = None) -> int:
@@ -272,7 +301,7 @@ def init_rank(path: Any, tp: dict, device: str | None = None) -> int:
         cuda = device is not None and str(device).startswith("cuda")
         backend = "nccl" if cuda else "gloo"
         if cuda:
-            torch.cuda.set_device(_env_int("LOCAL_RANK") or 0)
+            torch.cuda.set_device(torch.device(device))
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(var):
                 raise InputError(f"{var} is unset: {launch}")
@@ -297,8 +326,8 @@ class RankRunner:
             raise
         except Exception as e:
             text = first_line(str(e))
-            if any(k in text for k in ("Connection closed", "Timed out", "timed out", "Connection reset",
-                                       "process group", "NCCL", "gloo")):
+            if any(k in text for k in ("Connection closed", "Connection reset", "Timed out", "timed out",
+                                       "aborted")):
                 raise RuntimeFailure(f"rank {self.rank} of {self.world_size}: a collective failed ({text}); another "
                                      "rank died, stopped running the same calls, or did not answer within "
                                      f"{TIMEOUT_ENV}={timeout_s():g} s. Every rank must make the same calls in the "
@@ -329,8 +358,10 @@ def gather_outputs(engine: Any, outs: list[torch.Tensor]) -> list[torch.Tensor]:
         if d is None:
             whole.append(t)
             continue
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = t.to(dev).contiguous()
         parts = [torch.empty_like(t) for _ in range(engine.world_size)]
-        dist.all_gather(parts, t.contiguous())
+        dist.all_gather(parts, t)
         whole.append(torch.cat(parts, d))
     return whole
 
@@ -407,14 +438,11 @@ class SpawnedRanks:
 
     def __init__(self, path: Any, manifest: dict, start_timeout: float = 600.0):
         import json
-        import queue
-        import subprocess
-        import sys
         import tempfile
-        import threading
 
         self.tp = manifest["tensor_parallel"]
         self.n = int(self.tp["world_size"])
+        self.broken = False
         self.names = [s["name"] for s in manifest["inputs"]]
         self.out_names = [s["name"] for s in manifest["outputs"]]
         self._tmp = tempfile.TemporaryDirectory(prefix="graphopt-ranks-")
@@ -423,10 +451,24 @@ class SpawnedRanks:
         port = free_port()
         threads = str(max(1, (os.cpu_count() or 1) // self.n))
         self.procs, self.replies, self.logs = [], [], []
+        try:
+            self._start(path, mf, port, threads)
+            self._collect(start_timeout, "load the artifact")
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, path: Any, mf: Path, port: int, threads: str) -> None:
+        import queue
+        import subprocess
+        import sys
+        import threading
+
         for r in range(self.n):
             read_fd, write_fd = os.pipe()
             log_file = open(Path(self._tmp.name) / f"rank{r}.log", "w+b")  # noqa: SIM115 - closed in close()
             env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(self.n),
+                   "CUDA_VISIBLE_DEVICES": "",  # the check runs the ranks on gloo, on the CPU
                    "LOCAL_WORLD_SIZE": str(self.n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                    "OMP_NUM_THREADS": threads, "GRAPHOPT_TP_REPLY_FD": str(write_fd),
                    "GRAPHOPT_TP_ARTIFACT": str(path), "GRAPHOPT_TP_MANIFEST": str(mf)}
@@ -449,11 +491,6 @@ class SpawnedRanks:
             self.procs.append(proc)
             self.replies.append(q)
             self.logs.append(log_file)
-        try:
-            self._collect(start_timeout, "load the artifact")
-        except BaseException:
-            self.close()
-            raise
 
     def _log_tail(self, r: int) -> str:
         f = self.logs[r]
@@ -467,12 +504,14 @@ class SpawnedRanks:
 
         from graphopt.errors import RuntimeFailure
 
-        replies = []
+        replies, deadline = [], time.monotonic() + timeout
         for r, q in enumerate(self.replies):  # every rank's reply, so none is left for the next call
             try:
-                replies.append(q.get(timeout=timeout))
+                replies.append(q.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
-                raise RuntimeFailure(f"rank {r} of {self.n} did not {what} within {timeout:.0f} s") from None
+                self.broken = True  # later replies would answer the wrong call
+                raise RuntimeFailure(f"rank {r} of {self.n} did not {what} within {timeout:.0f} s "
+                                     f"({RUN_TIMEOUT_ENV}){self._log_tail(r)}") from None
         for r, (kind, value) in enumerate(replies):
             if kind == "exit":
                 raise RuntimeFailure(f"rank {r} of {self.n} exited before it could {what}{self._log_tail(r)}")
@@ -484,11 +523,20 @@ class SpawnedRanks:
         return [value for _, value in replies]
 
     def run(self, inputs: list[Any]) -> list[torch.Tensor]:
+        from graphopt.errors import RuntimeFailure
+
+        if self.broken:
+            raise RuntimeFailure("the rank processes stopped answering in an earlier call; start them again")
         shard_in = self.tp["sharded_inputs"]
         for r, proc in enumerate(self.procs):
-            _send(proc.stdin, [shard_tensor(t if isinstance(t, torch.Tensor) else torch.as_tensor(t),
-                                            shard_in.get(name), r, self.n) for name, t in zip(self.names, inputs)])
-        per_rank = self._collect(timeout_s() * 2, "run the program")
+            try:
+                _send(proc.stdin, [shard_tensor(t if isinstance(t, torch.Tensor) else torch.as_tensor(t),
+                                                shard_in.get(name), r, self.n) for name, t in zip(self.names, inputs)])
+            except (OSError, ValueError):
+                self.broken = True
+                raise RuntimeFailure(f"rank {r} of {self.n} is gone (exit code {proc.poll()})"
+                                     f"{self._log_tail(r)}") from None
+        per_rank = self._collect(_run_timeout_s(), "run the program")
         shard_out = self.tp["sharded_outputs"]
         outs = []
         for i, name in enumerate(self.out_names):
@@ -505,6 +553,7 @@ class SpawnedRanks:
                 proc.wait(timeout=30)
             except Exception:  # noqa: BLE001
                 proc.kill()
+                proc.wait()
         for f in self.logs:
             f.close()
         self._tmp.cleanup()

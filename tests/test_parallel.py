@@ -92,7 +92,14 @@ for fam, single, tp in json.loads(sys.argv[1]):
     one = torch.randint(0, 128, (1, 5), generator=g)
     a, b = eng.generate(ids, 16, attention_mask=mask), ref.generate(ids, 16, attention_mask=mask)
     c, d = eng.generate(one, 20), ref.generate(one, 20)  # 25 of a static cache's 64 slots
+    try:
+        eng.generate(one, 4, temperature=0.8)
+        unseeded = "no error"
+    except graphopt.InputError as e:
+        unseeded = str(e)
+    sampled = eng.generate(ids, 8, attention_mask=mask, temperature=0.8, seed=dist.get_rank() * 0 + 5)
     res[fam] = {"batch": torch.equal(a, b), "single": torch.equal(c, d), "tokens": a[:, -16:].tolist(),
+                "unseeded": unseeded, "sampled": sampled[:, -8:].tolist(),
                 "rank_bytes": weight_bytes(eng), "full_bytes": weight_bytes(ref), "rank": eng.rank,
                 "world_size": eng.world_size,
                 "cache_heads": next(s.shape[1] for s in eng.inputs if s.name == "past_key_0"),
@@ -112,6 +119,8 @@ def test_two_gloo_ranks_decode_the_single_rank_tokens(artifacts, tmp_path):
         r0, r1 = ranks[0][fam], ranks[1][fam]
         assert r0["batch"] and r0["single"] and r1["batch"] and r1["single"], fam
         assert r0["tokens"] == r1["tokens"]  # every rank returns the tokens
+        assert r0["sampled"] == r1["sampled"]  # seeded sampling: the same draws on every rank
+        assert "needs seed=" in r0["unseeded"] and "needs seed=" in r1["unseeded"]
         assert (r0["rank"], r1["rank"], r0["world_size"]) == (0, 1, 2)
         assert r0["cache_heads"] * 2 == r0["full_heads"]  # each rank caches its own KV heads
         # about half the weights: the sharded ones halve, embeddings / lm_head / norms stay whole
@@ -130,7 +139,8 @@ def test_cli_launch_generates_the_same_tokens(artifacts):
     cmd = [sys.executable, "-m", "graphopt.cli", "generate"]
     want = subprocess.run([*cmd, str(single.path), "--ids", "5,6,7,8", "--max-new-tokens", "12", "-q"],
                           capture_output=True, text=True, timeout=120)
-    got = subprocess.run([*cmd, str(tp.path), "--ids", "5,6,7,8", "--max-new-tokens", "12", "-q", "--launch", "2"],
+    # "--laun": argparse takes abbreviations; the ranks must not see it and launch again
+    got = subprocess.run([*cmd, str(tp.path), "--ids", "5,6,7,8", "--max-new-tokens", "12", "-q", "--laun", "2"],
                          capture_output=True, text=True, timeout=300)
     assert want.returncode == 0 and got.returncode == 0, got.stderr[-2000:]
     assert got.stdout.strip() == want.stdout.strip() and len(want.stdout.split(",")) == 16  # rank 0 printed once

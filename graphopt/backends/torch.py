@@ -59,17 +59,14 @@ class TorchBackend(Backend):
         payload = manifest["payload"] if isinstance(manifest.get("payload"), dict) else manifest
         tp = manifest.get("tensor_parallel")
         if tp:
-            from graphopt.parallel import init_rank
+            from graphopt.parallel import init_rank, rank_device
 
             files = payload.get("rank_files")
             if not isinstance(files, list) or len(files) != int(tp.get("world_size", 0)):
                 raise ArtifactError(f"manifest of {artifact_dir} is tensor-parallel over {tp.get('world_size')} ranks "
                                     f"but lists rank programs {files!r}; rebuild the artifact")
+            device = rank_device(device)  # CPU (gloo) unless a GPU is asked for: then this rank's own (NCCL)
             rank = init_rank(artifact_dir, tp, device)
-            if device is not None and str(device) == "cuda":  # one GPU per rank: torchrun's LOCAL_RANK
-                import os
-
-                device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             file = files[rank]
             if not isinstance(file, str) or Path(file).name != file:
                 raise ArtifactError(f"manifest names torch program {file!r}; it must be a file name inside the "

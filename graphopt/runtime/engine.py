@@ -196,6 +196,10 @@ class Engine(NamedIO):
                ) -> tuple[Any, Iterator[torch.Tensor]]:
         from graphopt.runtime.generation import prepare, stream_cached, stream_full_prefix
 
+        temperature = kw.get("temperature")
+        if self.world_size > 1 and isinstance(temperature, (int, float)) and temperature > 0 and kw.get("seed") is None:
+            raise InputError(f"sampling on {self.world_size} tensor-parallel ranks needs seed=: every rank must draw "
+                             "the same tokens (each rank's own random state would feed the ranks different ones)")
         req = prepare(self, ids, max_new_tokens, **kw)
         if speculative is not None:
             from graphopt.speculative import check_draft, resolve, stream_speculative

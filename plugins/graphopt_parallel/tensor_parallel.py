@@ -31,8 +31,9 @@ caches its own KV heads: the cache inputs and outputs are sharded along the head
 ``quantize``: weight-only quantization then computes each shard's own scales.
 
 Left replicated (and reported): groups the tracer blocks (the reason is in the stats), the lm_head
-and embeddings (no consumer GEMM contracts the vocabulary), groups chained to another sharded group
-without an all-reduce between them.
+and embeddings unless ``vocab=sharded`` (the lm_head's rows split with its logits all-gathered, the
+token table looked up vocab-parallel: masked rows, all-reduced), groups chained to another sharded
+group without an all-reduce between them.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class ShardTracer(Tracer):
         for p, joined in self.inputs.items():  # read before it was tagged: only its other dims may be read
             cid, axis = self.tags[p]
             for user in p.users:
-                if user is joined or user in self.tags or packet(user) in ASSERT_OPS:
+                if user is joined or packet(user) in ASSERT_OPS or (
+                        user in self.tags and self.find(self.tags[user][0]) == self.find(cid)):
                     continue
                 if packet(user) is aten.sym_size and len(user.args) > 1 and user.args[1] % len(
                         self.shapes.of(p)) != axis:
@@ -371,8 +373,11 @@ def _shard(gm: torch.fx.GraphModule, tr: ShardTracer, g: Group, n: int, sharded_
                 user.replace_input_with(x, gat)
             elif packet(user) in ASSERT_OPS:
                 graph.erase_node(user)
+            elif packet(user) is aten.sym_size:  # a size off another dim (the tracer refused the sharded
+                user.replace_input_with(x, envs[0][x])  # one): the same on every rank
             else:
-                user.replace_input_with(x, envs[0][x])
+                raise PassError(f"tensor-parallel: {user.name} ({user.target}) reads {x.name}, a value of "
+                                f"{g.label}'s shards, in a way the sharding does not follow")
     erase_dead(graph, region)  # and the full weights only they read
     leftover = [x.name for x in region if x in set(graph.nodes)]
     if leftover:
