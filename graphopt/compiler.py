@@ -335,7 +335,7 @@ def compile(model: Any, example_inputs: Any = None, pipeline: str = "cleanup", t
                     f"the {target} artifact does not reproduce the original graph: {low['verify']['message']}\n"
                     f"  the optimized graph verified; the lowering to {target!r} changed the numerics. "
                     f"Report this with the pipeline {rep.data['pipeline']!r}", record=low["verify"])
-        elif target == "torch" and manifest.get("generation") and not manifest.get("tensor_parallel"):
+        elif target == "torch" and manifest.get("generation"):
             # unverified, nothing probed the program's smallest sizes; generate starts from the
             # shortest past the manifest allows, so that one is tried (torch.export may refuse 0)
             low["notes"] += narrow_empty_past(backend, w.dir, manifest)
@@ -495,7 +495,8 @@ def narrow_empty_past(backend: Any, path: Path, manifest: dict) -> list[str]:
                 out.append(torch.zeros(1, dtype=torch.int64))  # a static cache's position
         return out
 
-    runner = backend.load(path, manifest)
+    # a tensor-parallel artifact's ranks are spawned for it (whole inputs in, sliced per rank)
+    runner = getattr(backend, "load_for_verification", backend.load)(path, manifest)
     try:
         try:
             runner.run(feeds(0))
