@@ -174,17 +174,61 @@ def launch(args: argparse.Namespace) -> int:
         argv.append(a)
     import tempfile
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", "graphopt.cli", *argv]
-    with tempfile.TemporaryDirectory(prefix="graphopt-launch-") as codes:
-        env = {**os.environ, RANK_STATUS_ENV: codes,
+    with tempfile.TemporaryDirectory(prefix="graphopt-launch-") as tmp:
+        codes, logs = Path(tmp, "codes"), Path(tmp, "logs")
+        codes.mkdir()
+        # rank 0 writes to this console (streamed text); the other ranks' output goes to log files,
+        # shown when they fail; torchrun's own log lines and its traceback of a failed rank are
+        # dropped when the ranks said what failed themselves
+        others = ",".join(f"{r}:3" for r in range(1, n))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               f"--log-dir={logs}", *([f"--redirects={others}"] if others else []), "-m", "graphopt.cli", *argv]
+        env = {**os.environ, RANK_STATUS_ENV: str(codes),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))}
-        rc = subprocess.run(cmd, env=env).returncode
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+        shown, held = _relay_stderr(proc.stderr)
+        rc = proc.wait()
         # torchrun exits 1 for any failed rank: the ranks' own exit codes say what failed
-        ranks = [int(p.read_text()) for p in sorted(Path(codes).glob("rank*"))]
+        ranks = {int(p.name[4:]): int(p.read_text()) for p in codes.glob("rank*")}
+        if rc != 0 and len(ranks) < n:  # a rank ended without a word: what torchrun saw is the evidence
+            sys.stderr.write("".join(held))
+        rank0_err = "".join(shown)
+        for r in range(1, n):
+            if ranks.get(r, 1) != 0:
+                for f in logs.glob(f"**/{r}/stderr.log"):
+                    text = f.read_text(errors="replace").strip()
+                    if text and text not in rank0_err:
+                        _eprint("\n".join(f"[rank {r}] {line}" for line in text.splitlines()[-20:]))
     if rc == 0:
         return EXIT_OK
-    return max(ranks) if ranks and max(ranks) in (EXIT_VERIFY, EXIT_USAGE) else EXIT_INTERNAL
+    codes_ = list(ranks.values())
+    return max(codes_) if codes_ and max(codes_) in (EXIT_VERIFY, EXIT_USAGE) else EXIT_INTERNAL
+
+
+def _relay_stderr(stream) -> tuple[list[str], list[str]]:
+    """Copy the launched command's stderr to ours as it comes, except torchrun's own log lines
+    (``W1206 21:07:58.844 ... torch/distributed/...``) and, from its first ``Traceback`` on, what
+    torchrun prints when a rank fails: returns (the lines shown, those held back, to be shown only if
+    no rank explained)."""
+    import re
+
+    agent = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d")
+    shown: list[str] = []
+    held: list[str] = []
+    for line in stream:
+        if held or line.startswith("Traceback (most recent call last)") or agent.match(line):
+            held.append(line)
+            continue
+        shown.append(line)
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    # a traceback that is not torchrun's (a rank's, under --debug) is shown after all
+    text = "".join(held)
+    if held and "torch/distributed/run.py" not in text and "ChildFailedError" not in text:
+        rest = [x for x in held if not agent.match(x)]
+        sys.stderr.write("".join(rest))
+        return shown + rest, []
+    return shown, held
 
 
 def _secondary_rank(eng) -> bool:

@@ -151,6 +151,11 @@ def test_cli_launch_generates_the_same_tokens(artifacts):
                          capture_output=True, text=True, timeout=300)
     assert want.returncode == 0 and got.returncode == 0, got.stderr[-2000:]
     assert got.stdout.strip() == want.stdout.strip() and len(want.stdout.split(",")) == 16  # rank 0 printed once
+    # a rank's usage error: its one message and exit 2, not torchrun's report of a failed child
+    unseeded = subprocess.run([*cmd, str(tp.path), "--ids", "5,6", "--temperature", "0.8", "--launch", "2"],
+                              capture_output=True, text=True, timeout=300)
+    assert unseeded.returncode == 2 and unseeded.stderr.count("needs seed=") == 1, unseeded.stderr[-2000:]
+    assert "Traceback" not in unseeded.stderr and "ChildFailedError" not in unseeded.stderr
     bad = subprocess.run([*cmd, str(tp.path), "--ids", "5,6", "--launch", "3"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "sharded over 2 ranks; use --launch 2" in bad.stderr
