@@ -190,11 +190,13 @@ def launch(args: argparse.Namespace) -> int:
         rc = proc.wait()
         # torchrun exits 1 for any failed rank: the ranks' own exit codes say what failed
         ranks = {int(p.name[4:]): int(p.read_text()) for p in codes.glob("rank*")}
-        if rc != 0 and len(ranks) < n:  # a rank ended without a word: what torchrun saw is the evidence
+        failed = [r for r, code in ranks.items() if code != 0]
+        unexplained = rc != 0 and not failed  # ranks that died without a word (torchrun ends the others
+        if unexplained:  # once one fails: those were stopped, not failing): what torchrun saw is the evidence
             sys.stderr.write("".join(held))
         rank0_err = "".join(shown)
         for r in range(1, n):
-            if ranks.get(r, 1) != 0:
+            if r in failed or unexplained:
                 for f in logs.glob(f"**/{r}/stderr.log"):
                     text = f.read_text(errors="replace").strip()
                     if text and text not in rank0_err:
