@@ -411,7 +411,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "pip install 'graphopt[serve]'") from None
     config = ServeConfig(artifact=args.dir, model_name=args.model_name or "", max_batch=args.max_batch,
                          max_queue=args.max_queue, max_tokens_per_step=args.max_tokens_per_step, eos=args.eos or [],
-                         threads=args.threads, shutdown_timeout=args.shutdown_timeout)
+                         threads=args.threads, shutdown_timeout=args.shutdown_timeout, cache=args.cache)
     return serve(config, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
 
 
@@ -712,6 +712,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "prefilled per iteration, between decode steps; a longer prompt is prefilled in chunks of this "
                     "size. Lower: running requests' inter-token latency is steadier; higher: new requests start "
                     "sooner (default 256)")
+    sv.add_argument("--cache", choices=["auto", "slots", "concat"], default="auto", help="the running batch's KV "
+                    "cache. slots: buffers written in place by a slot graph derived from the artifact's ONNX model "
+                    "when the server starts (checked against it on a probe); concat: the artifact's own graph, "
+                    "which appends to the cache and copies it every step; auto (default): slots where the artifact "
+                    "allows them (ONNX Runtime on the CPU, dynamic cache), else concat, saying why in the log")
     sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
     sv.add_argument("--eos", type=int, action="append", help="end-of-sequence token id (repeatable): a sequence "
                     "that produces it finishes with finish_reason 'stop'")

@@ -93,6 +93,8 @@ class OnnxRuntimeRunner(Runner):
                  session_config: dict[str, str] | None = None):
         import onnxruntime as ort
 
+        self.options = {"providers": providers, "threads": threads, "spinning": spinning,
+                        "disabled_optimizers": disabled_optimizers, "session_config": session_config}
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise ArtifactError(f"ONNX model {self.model_path} does not exist; the artifact directory is "
@@ -179,6 +181,11 @@ class OnnxRuntimeRunner(Runner):
                                  "bfloat16 graph in float32, or use the torch target")
             x = x.float()
         return x.cpu().contiguous().numpy()
+
+    def sibling(self, model_path: str | Path) -> OnnxRuntimeRunner:
+        """A runner of another model file with this one's session options (providers, threads,
+        spinning, optimizers)."""
+        return OnnxRuntimeRunner(model_path, **self.options)
 
     def close(self) -> None:
         # Dropping the session frees its memory (and the mapped external-data file).

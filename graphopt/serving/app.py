@@ -46,6 +46,7 @@ class ServeConfig:
     eos: list[int] = field(default_factory=list)
     threads: int | None = None
     shutdown_timeout: float = 30.0
+    cache: str = "auto"
 
 
 class CompletionRequest(BaseModel):
@@ -169,7 +170,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         metrics = PrometheusMetrics()
         state["metrics"] = metrics
         state["scheduler"] = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue,
-                                       max_tokens_per_step=config.max_tokens_per_step, metrics=metrics).start()
+                                       max_tokens_per_step=config.max_tokens_per_step, metrics=metrics,
+                                       cache=config.cache).start()
+        if state["scheduler"].batch.kind == "slots":
+            engine.runner.close()  # the slot graph's session has its own copy of the weights
         tok = Path(config.artifact) / "tokenizer.json"
         if tok.is_file():
             from tokenizers import Tokenizer
@@ -181,7 +185,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                         "in choices[0].token_ids with an empty text", config.artifact)
         state["name"] = config.model_name or Path(config.artifact).resolve().name
         state["created"] = int(time.time())
-        log.info("serving %s (%s), max batch %d", state["name"], config.artifact, config.max_batch)
+        log.info("serving %s (%s), max batch %d, KV cache: %s", state["name"], config.artifact, config.max_batch,
+                 state["scheduler"].batch.kind)
         yield
         finished = await asyncio.to_thread(state["scheduler"].stop, config.shutdown_timeout)
         if not finished:

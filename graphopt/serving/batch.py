@@ -48,6 +48,8 @@ def check_servable(manifest: dict[str, Any], path: Any) -> dict[str, Any]:
 class CacheBatch:
     """The cache tensors of the running rows (torch, on the CPU) and the forward that uses them."""
 
+    kind = "concat"
+
     def __init__(self, engine: Engine):
         self.engine = engine
         self.gen = gen = check_servable(engine.manifest, engine.path)
@@ -65,6 +67,12 @@ class CacheBatch:
     def length(self) -> int:
         """The cache's sequence length in use (real tokens and left padding)."""
         return self.pos if self.rows else 0
+
+    def used_tokens(self) -> int:
+        return self.length * self.rows
+
+    def allocated_bytes(self) -> int:
+        return self.used_tokens() * self.bytes_per_token()
 
     def empty(self, batch: int) -> dict[str, torch.Tensor]:
         """The cache inputs of a prefill of ``batch`` rows (zero-length, or the shortest the
@@ -90,11 +98,11 @@ class CacheBatch:
         return logits, {past: torch.as_tensor(outs[present]) for present, past in self.outputs.items()}
 
     def prefill(self, prompts: list[list[int]], past: tuple[dict[str, torch.Tensor], int] | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+                ) -> tuple[torch.Tensor, tuple[dict[str, torch.Tensor], int]]:
         """Prompts left-padded into one batch and run with an empty cache, or (one row, when
         :attr:`chunks`) the next chunk of a prompt after ``past`` = (the cache its earlier chunks
-        left, that cache's length): next-token logits per prompt, their cache (left-padded to the
-        longest prompt) and its length."""
+        left, that cache's length): next-token logits per prompt and (their cache, left-padded to
+        the longest prompt, and its length), for :meth:`join` or the next chunk."""
         if past is not None and len(prompts) != 1:
             raise ValueError("a chunk after a cache is prefilled one row at a time")
         cache, start = past if past is not None else (self.empty(len(prompts)), self.min_past)
@@ -104,11 +112,21 @@ class CacheBatch:
         for r, p in enumerate(prompts):
             ids[r, longest - len(p):] = torch.tensor(p, dtype=torch.int64)
             mask[r, longest - len(p):] = 1
-        return (*self.forward(ids, mask, cache, start), start + longest)
+        logits, cache = self.forward(ids, mask, cache, start)
+        return logits, (cache, start + longest)
 
-    def join(self, cache: dict[str, torch.Tensor], length: int) -> None:
-        """Append rows (a prefill's cache of ``length``) to the running batch, right-aligned: the
-        shorter side gets padding on the left. One copy of the batch's cache."""
+    def drop(self, pending: Any) -> None:
+        """Forget a prefill that will not join (nothing to free: its cache is its own)."""
+
+    def join(self, pending: tuple[dict[str, torch.Tensor], int], keep: list[int]) -> None:
+        """Append the rows ``keep`` of a prefill (its cache of ``length``) to the running batch,
+        right-aligned: the shorter side gets padding on the left. One copy of the batch's cache."""
+        cache, length = pending
+        if not keep:
+            return
+        if len(keep) < int(cache[self.names[0]].shape[0]):
+            index = torch.tensor(keep, dtype=torch.int64)
+            cache = {name: t.index_select(0, index) for name, t in cache.items()}
         if not self.rows:
             self.cache, self.rows, self.pos = dict(cache), int(cache[self.names[0]].shape[0]), length
             return
@@ -123,12 +141,12 @@ class CacheBatch:
         self.rows += n
         self.pos = target
 
-    def keep(self, rows: list[int]) -> None:
+    def keep(self, rows: list[int]) -> list[int]:
         """Keep only these rows (in this order); drop the columns that are padding in every row
-        left. One copy of what is kept."""
+        left. One copy of what is kept. Returns the new order (old row indices): ``rows``."""
         if not rows:
             self.cache, self.rows, self.pos = {}, 0, 0
-            return
+            return []
         index = torch.tensor(rows, dtype=torch.int64)
         mask = self.cache[self.names[0]]
         real = mask.index_select(0, index)[:, : self.pos].ne(0).any(0).nonzero()
@@ -141,6 +159,7 @@ class CacheBatch:
             cache = {name: (t[:, start:] if t.dim() == 2 else t[:, :, start:]).index_select(0, index)
                      for name, t in self.cache.items()}
         self.cache, self.rows, self.pos = cache, len(rows), self.pos - start
+        return list(rows)
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token per running row; the cache grows by one column. Returns logits ``[B, V]``."""

@@ -89,10 +89,41 @@ class Metrics:
     def queue(self, waiting: int, running: int, cache_bytes: int) -> None: ...
 
 
+#: How far the slot graph's logits may be from the artifact's graph's on the start-up probe
+#: (relative to the logits' scale): float32 kernels that add in another order differ by ~1e-6.
+SLOT_TOLERANCE = 1e-3
+
+
+def make_batch(engine: Engine, max_batch: int, cache: str = "auto") -> Any:
+    """The running batch's cache: in-place slot buffers (:mod:`graphopt.serving.slots`) where the
+    artifact allows them and they match its graph on a probe, else the artifact's own appended
+    cache (:class:`CacheBatch`). ``cache``: ``"auto"``, ``"slots"`` (refuse otherwise) or
+    ``"concat"``."""
+    from graphopt.serving.slots import SlotBatch, SlotsUnavailable
+
+    if cache not in ("auto", "slots", "concat"):
+        raise InputError(f"cache must be auto, slots or concat, got {cache!r}")
+    if cache != "concat":
+        try:
+            batch = SlotBatch(engine, max_batch)
+            worst = batch.check()
+            if not worst <= SLOT_TOLERANCE:
+                raise SlotsUnavailable(f"its logits differ from the artifact's graph by {worst:.2g} (relative) on "
+                                       "a probe")
+            log.info("KV cache: in-place slot buffers (probe: logits within %.1g of the artifact's graph)", worst)
+            return batch
+        except SlotsUnavailable as e:
+            if cache == "slots":
+                raise InputError(f"{engine.path} cannot be served from in-place slot buffers: {e}; serve it with "
+                                 "--cache concat") from e
+            log.warning("KV cache: the artifact's own (appended) cache, copied every step: in-place slot buffers "
+                        "are not available: %s", e)
+    return CacheBatch(engine)
+
+
 class Scheduler:
     def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, max_tokens_per_step: int = 256,
-                 metrics: Metrics | None = None):
-        self.batch = CacheBatch(engine)
+                 metrics: Metrics | None = None, cache: str = "auto"):
         self.limits = limits(engine.manifest)
         lo, hi = self.limits.batch
         if not 1 <= max_batch <= hi:
@@ -102,6 +133,7 @@ class Scheduler:
         if max_queue < 0 or max_tokens_per_step < 1:
             raise InputError("max_queue must be >= 0 and max_tokens_per_step >= 1")
         self.max_batch, self.max_queue, self.max_tokens_per_step = max_batch, max_queue, max_tokens_per_step
+        self.batch = make_batch(engine, max_batch, cache)
         self.metrics = metrics or Metrics()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -175,9 +207,8 @@ class Scheduler:
 
     def state(self) -> dict[str, Any]:
         return {"waiting": len(self.waiting), "running": len(self.running) + (self.prefilling is not None),
-                "cache_tokens": self.batch.length * self.batch.rows,
-                "cache_bytes": self.batch.length * self.batch.rows * self.batch.bytes_per_token(),
-                "cache_budget_bytes": self.cache_budget}
+                "cache": self.batch.kind, "cache_tokens": self.batch.used_tokens(),
+                "cache_bytes": self.batch.allocated_bytes(), "cache_budget_bytes": self.cache_budget}
 
     # -- the scheduler thread ---------------------------------------------------------------
     def _loop(self) -> None:
@@ -201,6 +232,7 @@ class Scheduler:
                 for seq in admitted + self.running:
                     self._emit(seq, "error", message)
                 self.running, self.prefilling = [], None
+                self.batch.drop(None)
                 self.batch.keep([])
             with self._cv:
                 self._report()
@@ -209,11 +241,12 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         self.waiting = deque(s for s in self.waiting if not s.cancelled)
         if self.prefilling is not None and self.prefilling.cancelled:
+            self.batch.drop(self.prefilling.past)
             self.prefilling.past, self.prefilling = None, None
         keep = [i for i, s in enumerate(self.running) if not s.cancelled]
         if len(keep) != len(self.running):
-            self.running = [self.running[i] for i in keep]
-            self.batch.keep(keep)
+            order = self.batch.keep(keep)
+            self.running = [self.running[i] for i in order]
 
     def _admit(self) -> list[Sequence]:
         """This iteration's prefill: the chunked prompt in progress, or waiting requests."""
@@ -242,26 +275,20 @@ class Scheduler:
         return group
 
     def _prefill(self, admitted: list[Sequence]) -> None:
-        import torch
-
         if admitted[0] is self.prefilling:
             seq = self.prefilling
             chunk = seq.prompt[seq.filled:seq.filled + self.max_tokens_per_step]
-            logits, cache, length = self.batch.prefill([chunk], seq.past)
+            logits, pending = self.batch.prefill([chunk], seq.past)
             seq.filled += len(chunk)
             if seq.filled < len(seq.prompt):
-                seq.past = (cache, length)
+                seq.past = pending
                 return
             self.prefilling, seq.past = None, None
         else:
-            logits, cache, length = self.batch.prefill([s.prompt for s in admitted])
+            logits, pending = self.batch.prefill([s.prompt for s in admitted])
         keep = [r for r, seq in enumerate(admitted) if self._advance(seq, seq.sampling.pick(logits[r]))]
-        if keep:
-            if len(keep) < len(admitted):
-                index = torch.tensor(keep, dtype=torch.int64)
-                cache = {name: t.index_select(0, index) for name, t in cache.items()}
-            self.batch.join(cache, length)
-            self.running.extend(admitted[r] for r in keep)
+        self.batch.join(pending, keep)
+        self.running.extend(admitted[r] for r in keep)
 
     def _decode(self) -> None:
         self.metrics.batch(len(self.running))
@@ -270,8 +297,8 @@ class Scheduler:
         keep = [r for r, seq in enumerate(self.running)
                 if self._advance(seq, greedy[r] if seq.sampling.temperature <= 0 else seq.sampling.pick(logits[r]))]
         if len(keep) != len(self.running):
-            self.running = [self.running[r] for r in keep]
-            self.batch.keep(keep)
+            order = self.batch.keep(keep)
+            self.running = [self.running[r] for r in order]
 
     def _advance(self, seq: Sequence, token: int) -> bool:
         """Send ``seq``'s next token; False when the sequence ends here."""

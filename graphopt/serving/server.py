@@ -32,7 +32,11 @@ def check(config: ServeConfig) -> None:
         raise InputError(f"{path} is not an artifact directory (no manifest.json); compile one with "
                          "graphopt compile MODEL --pipeline cleanup,fuse,kv-cache --out DIR")
     manifest = read_manifest(path)
-    check_servable(manifest, path)
+    gen = check_servable(manifest, path)
+    if config.cache == "slots" and (manifest.get("target") != "onnx" or gen.get("static")):
+        raise InputError(f"--cache slots needs an ONNX artifact with a dynamic cache; {path} is "
+                         f"{'a static-cache' if gen.get('static') else 'a ' + str(manifest.get('target'))} artifact: "
+                         "serve it with --cache auto or concat")
     lim = limits(manifest)
     if not 1 <= config.max_batch <= lim.batch[1]:
         raise InputError(f"--max-batch {config.max_batch} is outside the batch range the artifact was compiled "

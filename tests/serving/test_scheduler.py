@@ -38,6 +38,17 @@ def _requests(n: int, vocab: int, max_prompt: int, max_new: int, seed: int):
             for _ in range(n)]
 
 
+def _on_calls(batch, hook):
+    """Call ``hook(ids)`` before every forward of the scheduler's batch (the slot graph's calls, or
+    the artifact's graph's)."""
+    if batch.kind == "slots":
+        real = batch._run
+        batch._run = lambda start, ids, *rest: hook(ids) or real(start, ids, *rest)
+    else:
+        real = batch.forward
+        batch.forward = lambda ids, *rest: hook(ids) or real(ids, *rest)
+
+
 def _run_all(scheduler, reqs, sampling=lambda i: Sampling()):
     got = []
     for i, (prompt, n) in enumerate(reqs):
@@ -49,32 +60,28 @@ def _run_all(scheduler, reqs, sampling=lambda i: Sampling()):
     return got
 
 
-@pytest.mark.parametrize("which", ["shakespeare", "llama", "llama_static", "llama_torch"])
-def test_64_concurrent_requests_decode_as_each_alone(request, which):
-    """Dynamic caches (rows left-padded to a common length) and a static one (slot buffers, rows
-    shifted to the batch's cache position) alike, on ONNX Runtime and on the torch target (whose
-    program takes no empty past: one padding slot stands for it). Prompts of 1..40 tokens with a
-    budget of 24 per call: short ones are prefilled in groups, long ones in chunks, and no call
-    ever takes more than the budget."""
+@pytest.mark.parametrize("which,cache", [("shakespeare", "slots"), ("shakespeare", "concat"), ("llama", "slots"),
+                                         ("llama_static", "concat"), ("llama_torch", "concat")])
+def test_64_concurrent_requests_decode_as_each_alone(request, which, cache):
+    """In-place slot buffers (rows at their own lengths, written by the slot graph), the
+    artifact's appended dynamic cache (rows left-padded to a common length) and a static one
+    (slot buffers, rows shifted to the batch's cache position) alike, on ONNX Runtime and on the
+    torch target (whose program takes no empty past: one padding slot stands for it). Prompts of
+    1..40 tokens with a budget of 24 per call: short ones are prefilled in groups, long ones in
+    chunks, and no call ever takes more than the budget."""
     path = request.getfixturevalue(f"{which}_artifact")
     engine = graphopt.load(path)
     vocab = VOCAB if which.startswith("llama") else 512
     reqs = _requests(64, vocab, 40, 24, seed=1)
     budget, calls = 24, []
-    ids_at = engine.input_names.index(engine.manifest["generation"]["ids"])
-    real_run = engine.runner.run
-
-    def run(flat):
-        calls.append(tuple(flat[ids_at].shape))
-        return real_run(flat)
-
-    engine.runner.run = run
-    scheduler = Scheduler(engine, max_batch=8, max_queue=64, max_tokens_per_step=budget).start()
+    scheduler = Scheduler(engine, max_batch=8, max_queue=64, max_tokens_per_step=budget, cache=cache)
+    assert scheduler.state()["cache"] == cache  # auto picks the slots where it can
+    _on_calls(scheduler.batch, lambda ids: calls.append(tuple(ids.shape)))
+    scheduler.start()
     try:
         got = _run_all(scheduler, reqs)
     finally:
         assert scheduler.stop(10)
-    engine.runner.run = real_run
     for (prompt, n), c in zip(reqs, got):
         alone = engine.generate(torch.tensor([prompt]), n)[0, len(prompt):].tolist()
         assert c.tokens == alone and c.end == ("done", "length")
@@ -105,19 +112,18 @@ def test_seeded_sampling_is_reproducible_per_request(llama_artifact):
     assert other_seed.tokens != crowd[3].tokens  # the draws do depend on the seed
 
 
-def test_a_failed_forward_fails_its_batch_and_the_scheduler_goes_on(llama_artifact):
+@pytest.mark.parametrize("cache", ["slots", "concat"])
+def test_a_failed_forward_fails_its_batch_and_the_scheduler_goes_on(llama_artifact, cache):
     engine = graphopt.load(llama_artifact)
-    real_run = engine.runner.run
     poison = 77
 
-    def run(flat):
-        if any(isinstance(x, torch.Tensor) and x.dtype == torch.int64 and x.dim() == 2 and bool((x == poison).any())
-               for x in flat[:1]):
+    def hook(ids):
+        if bool((torch.as_tensor(ids) == poison).any()):
             raise RuntimeError("injected failure")
-        return real_run(flat)
 
-    engine.runner.run = run
-    scheduler = Scheduler(engine, max_batch=4).start()
+    scheduler = Scheduler(engine, max_batch=4, cache=cache)
+    _on_calls(scheduler.batch, hook)
+    scheduler.start()
     try:
         bad = _run_all(scheduler, [([5, poison, 9], 4)])[0]
         assert bad.end[0] == "error" and "injected failure" in bad.end[1]
@@ -165,16 +171,14 @@ def test_without_chunks_a_long_prompt_is_prefilled_whole_and_alone(llama_artifac
     monkeypatch.setattr(CacheBatch, "chunks", property(lambda self: False))
     engine = graphopt.load(llama_artifact)
     calls = []
-    real_run = engine.runner.run
-    ids_at = engine.input_names.index(engine.manifest["generation"]["ids"])
-    engine.runner.run = lambda flat: calls.append(tuple(flat[ids_at].shape)) or real_run(flat)
     reqs = [([7] * 30, 3), ([5, 6], 3), ([9] * 12, 2)]
-    scheduler = Scheduler(engine, max_batch=4, max_tokens_per_step=8).start()
+    scheduler = Scheduler(engine, max_batch=4, max_tokens_per_step=8, cache="concat")
+    _on_calls(scheduler.batch, lambda ids: calls.append(tuple(ids.shape)))
+    scheduler.start()
     try:
         got = _run_all(scheduler, reqs)
     finally:
         scheduler.stop(10)
-    engine.runner.run = real_run
     assert (1, 30) in calls and (1, 12) in calls
     for (prompt, n), c in zip(reqs, got):
         assert c.tokens == engine.generate(torch.tensor([prompt]), n)[0, len(prompt):].tolist()
