@@ -90,7 +90,7 @@ class OnnxRuntimeRunner(Runner):
                  threads: int | None = None, spinning: bool | None = None,
                  disabled_optimizers: Sequence[str] | None = None,
                  output_dtypes: Sequence[torch.dtype | None] | None = None,
-                 session_config: dict[str, str] | None = None):
+                 session_config: dict[str, str] | None = None, model: bytes | None = None):
         import onnxruntime as ort
 
         self.options = {"providers": providers, "threads": threads, "spinning": spinning,
@@ -115,15 +115,19 @@ class OnnxRuntimeRunner(Runner):
             opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         for key, value in (session_config or {}).items():  # e.g. session.disable_prepacking
             opts.add_session_config_entry(str(key), str(value))
+        if model is not None:  # a model given as bytes: its external data files are beside model_path
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                          str(self.model_path.parent))
         opts.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
         if disabled_optimizers is None:
             disabled_optimizers = CPU_DISABLED_OPTIMIZERS if wanted[0] == CPU_PROVIDER else ()
-            if wanted[0] == CPU_PROVIDER and _quantizes_activations(self.model_path):
+            if wanted[0] == CPU_PROVIDER and _quantizes_activations(self.model_path if model is None else model):
                 disabled_optimizers += CPU_DISABLED_OPTIMIZERS_QDQ
         self.disabled_optimizers = list(disabled_optimizers)
         extra = {"disabled_optimizers": self.disabled_optimizers} if self.disabled_optimizers else {}
         try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=wanted,
+            self.session = ort.InferenceSession(str(self.model_path) if model is None else model, sess_options=opts,
+                                                providers=wanted,
                                                 **extra)
         except Exception as e:  # onnxruntime raises its own pybind exception types
             raise ArtifactError(
@@ -182,10 +186,10 @@ class OnnxRuntimeRunner(Runner):
             x = x.float()
         return x.cpu().contiguous().numpy()
 
-    def sibling(self, model_path: str | Path) -> OnnxRuntimeRunner:
-        """A runner of another model file with this one's session options (providers, threads,
-        spinning, optimizers)."""
-        return OnnxRuntimeRunner(model_path, **self.options)
+    def sibling(self, model: bytes) -> OnnxRuntimeRunner:
+        """A runner of another model (serialized, its external data files those of this one's) with
+        this one's session options (providers, threads, spinning, optimizers)."""
+        return OnnxRuntimeRunner(self.model_path, model=model, **self.options)
 
     def close(self) -> None:
         # Dropping the session frees its memory (and the mapped external-data file).
@@ -197,13 +201,15 @@ class OnnxRuntimeRunner(Runner):
 
 
 
-def _quantizes_activations(path: Path) -> bool:
-    """Whether the graph holds a ``QuantizeLinear`` (activation quantization; weights are stored
-    quantized and only dequantized). Reads the graph structure only, not external weight data."""
+def _quantizes_activations(path: Path | bytes) -> bool:
+    """Whether the graph (a file, or serialized) holds a ``QuantizeLinear`` (activation
+    quantization; weights are stored quantized and only dequantized). Reads the graph structure
+    only, not external weight data."""
     import onnx
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path),
+                                                                                     load_external_data=False)
     except Exception:
         return False  # the session load that follows reports a damaged file
     return any(n.op_type == "QuantizeLinear" for n in model.graph.node)

@@ -31,10 +31,7 @@ says so in its log and in ``/health`` (``"cache"``).
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -242,23 +239,6 @@ def _last_position_logits(g: Any, logits: str, h: Any, const: Any) -> tuple[Any,
     ]
 
 
-def _write(model: Any, artifact: Path, into: Path) -> Path:
-    """``model`` saved as ``into/model.onnx`` with the artifact's external data files linked beside
-    it (the weights are not copied)."""
-    import onnx
-
-    for init in model.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                link = into / entry.value
-                if not link.exists():
-                    link.parent.mkdir(parents=True, exist_ok=True)
-                    link.symlink_to((artifact / entry.value).resolve())
-    path = into / "model.onnx"
-    onnx.save(model, str(path))
-    return path
-
-
 @dataclass
 class Staged:
     """A prefill's rows, written after the running rows and not yet part of the batch."""
@@ -288,12 +268,7 @@ class SlotBatch:
         if gen.get("static"):
             raise SlotsUnavailable("a static-cache artifact has its own slot buffers")
         model = onnx.load(str(runner.model_path), load_external_data=False)
-        slot_model(model, gen)
-        tmp = Path(tempfile.mkdtemp(prefix="graphopt-slots-"))
-        try:
-            self.runner = runner.sibling(_write(model, Path(runner.model_path).parent, tmp))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # the session holds what it read
+        self.runner = runner.sibling(slot_model(model, gen).SerializeToString())  # weights: the artifact's files
         self.session = self.runner.session
         self.last_only = LOGITS_INDEX in self.runner.input_names
         import onnxruntime as ort

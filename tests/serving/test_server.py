@@ -118,7 +118,7 @@ def test_a_disconnected_stream_frees_its_row(shakespeare_server):
     while httpx.get(shakespeare_server.url + "/health").json()["running"] and time.monotonic() < deadline:
         time.sleep(0.1)
     health = httpx.get(shakespeare_server.url + "/health").json()
-    assert health["running"] == 0 and health["cache_bytes"] == 0
+    assert health["running"] == 0 and health["cache_bytes"] == 0 and health["cache"] == "slots"
     metrics = httpx.get(shakespeare_server.url + "/metrics").text
     assert 'graphopt_requests_total{status="disconnected"} 1.0' in metrics
 
@@ -150,8 +150,11 @@ def test_sigterm_finishes_running_requests_then_exits_0(shakespeare_artifact):
     assert server.proc.wait(60) == 0
 
 
-def test_serve_refuses_what_it_cannot_serve_with_exit_2(tmp_path, shakespeare_artifact):
+def test_serve_refuses_what_it_cannot_serve_with_exit_2(tmp_path, shakespeare_artifact, llama_static_artifact):
     run = [sys.executable, "-m", "graphopt.cli", "serve"]
+    static = subprocess.run(run + [str(llama_static_artifact), "--cache", "slots"], capture_output=True, text=True,
+                            timeout=120)
+    assert static.returncode == 2 and "--cache slots needs an ONNX artifact with a dynamic cache" in static.stderr
     bad = subprocess.run(run + [str(shakespeare_artifact), "--max-batch", "64"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "outside the batch range the artifact was compiled for" in bad.stderr
