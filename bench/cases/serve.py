@@ -11,7 +11,10 @@ events), greedy, prompts of ``prompt_min``..``prompt_max`` tokens and ``new_min`
 tokens (exactly that many: no end-of-sequence token), drawn from a seeded generator: every system
 gets the same requests. Systems:
 
-- ``graphopt serve`` (continuous batching, ``--max-batch 64``);
+- ``graphopt serve`` (continuous batching, ``--max-batch 64``; the KV cache in slot buffers
+  written in place, ``--cache auto``);
+- ``graphopt serve --cache concat`` (the same with the artifact's own appended cache, copied every
+  step: what slot buffers gain);
 - ``graphopt serve --max-batch 1`` (batching off: one sequence per forward);
 - HF ``generate`` (its KV cache) called per request from a thread pool with one thread per client.
 
@@ -45,6 +48,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHAKESPEARE_CKPT = REPO / "samples" / "shakespeare" / "checkpoint"
 ON, OFF, HF = "graphopt serve (continuous batching)", "graphopt serve --max-batch 1 (batching off)", \
     "HF generate per request (thread pool)"
+CONCAT = "graphopt serve --cache concat (the artifact's appended cache)"
 
 
 @dataclass
@@ -72,7 +76,7 @@ def run(ctx: BenchContext, p: Params) -> CaseResult:
         model, art, prompts, note = _prepare(ctx, p, name)
         if note:
             result.notes.append(note)
-        for system in (ON, OFF, HF):
+        for system in (ON, CONCAT, OFF, HF):
             if not ctx.wanted(system):
                 result.systems.append(SystemResult(system, PEER, "excluded", group=name))
                 continue
@@ -149,9 +153,10 @@ def _run_system(ctx: BenchContext, p: Params, system: str, model: Any, art: Path
         return [_level_hf(model, _workload(p, prompts, n), n) for n in levels]
     from graphopt.serving.process import Server
 
-    batch = p.max_batch if system == ON else 1
+    batch = 1 if system == OFF else p.max_batch
     server = Server(art, "--max-batch", str(batch), "--max-queue", "1024",
-                    "--max-tokens-per-step", str(p.max_tokens_per_step), "--threads", str(ctx.threads))
+                    "--max-tokens-per-step", str(p.max_tokens_per_step), "--threads", str(ctx.threads),
+                    *(["--cache", "concat"] if system == CONCAT else []))
     try:
         asyncio.run(_level_http(server.url, [[(prompts[0], 4)]], 1))  # warm-up
         return [asyncio.run(_level_http(server.url, _workload(p, prompts, n), n)) for n in levels]
@@ -273,13 +278,15 @@ def _summary(rows: list[dict[str, Any]], model: str, clients: int) -> str:
     def get(system: str, n: int, key: str) -> float | None:
         return next((r[key] for r in rows if r["model"] == model and r["system"] == system and r["clients"] == n), None)
 
-    on, off, hf = (get(s, clients, "tokens_per_s") for s in (ON, OFF, HF))
+    on, off, hf, concat = (get(s, clients, "tokens_per_s") for s in (ON, OFF, HF, CONCAT))
     itl, itl1 = get(ON, clients, "itl_p99_s"), get(ON, 1, "itl_p99_s")
     parts = []
     if on and off:
         parts.append(f"continuous batching {on / off:.1f}x the batching-off server's throughput (goal 4x)")
     if on and hf:
         parts.append(f"{on / hf:.1f}x HF generate per request (goal 8x)")
+    if on and concat:
+        parts.append(f"slot buffers {on / concat:.2f}x the appended cache")
     if itl and itl1:
         parts.append(f"p99 inter-token latency {itl * 1e3:.1f} ms = {itl / itl1:.1f}x the single client's "
                      f"{itl1 * 1e3:.1f} ms (goal under 3x)")
