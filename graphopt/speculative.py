@@ -308,7 +308,8 @@ class _LookupDrafter:
 
 def _lookup(seq: list[int], ngram: int, k: int) -> list[int]:
     """The tokens that followed the most recent earlier occurrence of the row's last ``n`` tokens
-    (longest ``n`` first), at most ``k``."""
+    (longest ``n`` first), at most ``k``. A copy that reaches the end of the text (the text
+    repeats with a period of ``d`` tokens) goes on copying what it drafted: the period again."""
     n_tok = len(seq)
     for n in range(min(ngram, n_tok - 1), 0, -1):
         tail = seq[n_tok - n:]
@@ -317,7 +318,7 @@ def _lookup(seq: list[int], ngram: int, k: int) -> list[int]:
             if seq[i] == first and seq[i: i + n] == tail:
                 cont = seq[i + n: i + n + k]
                 if cont:
-                    return cont
+                    return [cont[j % len(cont)] for j in range(k)] if i + n + len(cont) == n_tok else cont
     return []
 
 

@@ -97,6 +97,18 @@ def test_greedy_tokens_equal_plain_generate(tmp_path, name, kw, cache):
     assert torch.equal(target.generate(single, 12, speculative=draft), target.generate(single, 12))
 
 
+def test_a_lookup_copy_that_reaches_the_end_goes_on_with_the_period():
+    """A match whose continuation runs into the end of the text is a loop of that period: the
+    draft repeats it (up to k tokens) instead of stopping at the text's end; a match further back
+    copies what followed it."""
+    from graphopt.speculative import _lookup
+
+    assert _lookup([5, 1, 1, 1, 1], 3, 6) == [1] * 6
+    assert _lookup([1, 2, 3, 1, 2, 3, 1, 2], 2, 7) == [3, 1, 2, 3, 1, 2, 3]
+    assert _lookup([7, 8, 9, 4, 5, 6, 7, 8], 2, 3) == [9, 4, 5]
+    assert _lookup([7, 8, 9], 2, 3) == []
+
+
 def test_lookup_drafts_are_accepted_on_repeated_text(llama):
     """On a prompt that repeats, a greedy target continues the repetition often enough that
     prompt lookup's drafts are accepted and the target runs fewer calls than tokens."""
