@@ -33,6 +33,7 @@ them from one parent process: the compiler's artifact check uses it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import datetime
@@ -307,7 +308,18 @@ def init_rank(path: Any, tp: dict, device: str | None = None) -> int:
                 raise InputError(f"{var} is unset: {launch}")
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s()))
+        # the group graphopt made goes before the interpreter does: left to the interpreter's
+        # teardown, gloo's threads can outlive it and abort the process ("terminate called without
+        # an active exception") after the rank's work was done
+        atexit.register(_destroy_group)
     return rank
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class RankRunner:

@@ -119,10 +119,11 @@ def slot_model(model: Any, gen: dict[str, Any]) -> Any:
     masks: dict[str, str] = {}  # the graph's mask -> the same mask in the slot layout
     body: list[Any] = []
     head, pick = _last_position_logits(g, gen["logits"], h, const)
+    rewritten = {id(n) for n in attn}
     for node in g.node:
         if node is head:
             body += pick
-        if node not in attn:
+        if id(node) not in rewritten:
             body.append(node)
             continue
         a = {x.name: h.get_attribute_value(x) for x in node.attribute}
@@ -268,7 +269,12 @@ class SlotBatch:
         if gen.get("static"):
             raise SlotsUnavailable("a static-cache artifact has its own slot buffers")
         model = onnx.load(str(runner.model_path), load_external_data=False)
-        self.runner = runner.sibling(slot_model(model, gen).SerializeToString())  # weights: the artifact's files
+        try:
+            self.runner = runner.sibling(slot_model(model, gen).SerializeToString())  # weights: the artifact's files
+        except GraphoptError as e:
+            if isinstance(e, SlotsUnavailable):
+                raise
+            raise SlotsUnavailable(f"ONNX Runtime does not take the slot graph: {e}") from e
         self.session = self.runner.session
         self.last_only = LOGITS_INDEX in self.runner.input_names
         import onnxruntime as ort
@@ -282,14 +288,14 @@ class SlotBatch:
         from graphopt.ir.graph_ir import dtype_from_name
 
         self.dtypes = {n: torch.empty(0, dtype=dtype_from_name(specs[n].dtype)).numpy().dtype for n in self.names}
-        self.max_rows = max(max_rows, 2)  # the start-up probe (check) runs two rows
+        self.max_rows = max_rows
         self.max_len = int(engine.manifest["generation"].get("max_len") or 0) or None
         self.bufs: dict[str, np.ndarray] = {}
         self.slots = 0  # N
         self.cap = 0  # rows the buffers hold
         self.rows = 0
         self.staged = 0
-        self.lengths = np.zeros(self.max_rows, np.int64)
+        self.lengths = np.zeros(max(self.max_rows, 2), np.int64)  # the start-up probe runs two rows
         self.logits_name = gen["logits"]
 
     # -- what the scheduler reads ---------------------------------------------------------------
@@ -456,16 +462,24 @@ class SlotBatch:
         prompts = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in (3, 7)]
         ref = CacheBatch(self.engine)
         worst = 0.0
-        a, pend = self.prefill(prompts)
-        self.join(pend, [0, 1])
-        b, pend = ref.prefill(prompts)
-        ref.join(pend, [0, 1])
-        for step in range(4):
-            scale = float(b.abs().max()) or 1.0
-            worst = max(worst, float((a - b).abs().max()) / scale)
-            if step == 3:
-                break
-            toks = b.argmax(-1).tolist()
-            a, b = self.step(toks), ref.step(toks)
-        self.keep([])
+        rows, self.max_rows = self.max_rows, max(self.max_rows, 2)  # the probe's two rows
+        try:
+            a, pend = self.prefill(prompts)
+            self.join(pend, [0, 1])
+            b, pend = ref.prefill(prompts)
+            ref.join(pend, [0, 1])
+            for step in range(4):
+                scale = float(b.abs().max()) or 1.0
+                worst = max(worst, float((a - b).abs().max()) / scale)
+                if step == 3:
+                    break
+                toks = b.argmax(-1).tolist()
+                a, b = self.step(toks), ref.step(toks)
+        except Exception as e:  # noqa: BLE001 - any failure of the slot graph means: not these slots
+            raise SlotsUnavailable(f"the slot graph failed on a probe: {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        finally:
+            self.drop(None)
+            self.keep([])
+            self.max_rows = rows
         return worst

@@ -92,3 +92,21 @@ def test_what_the_slots_cannot_serve_falls_back_saying_why(llama_torch_artifact,
         Scheduler(engine, max_batch=2, cache="slots")
     with pytest.raises(InputError, match="cache must be auto, slots or concat"):
         Scheduler(engine, max_batch=2, cache="paged")
+
+
+def test_a_slot_graph_that_fails_its_probe_is_not_used(llama_artifact, monkeypatch, caplog):
+    """Whatever goes wrong in the slot graph at start-up (here: its first call raises), the server
+    serves from the artifact's own cache, and says so; with --cache slots it refuses."""
+    from graphopt.serving.slots import SlotBatch
+
+    def broken(self, *args):
+        raise RuntimeError("injected: ONNX Runtime refused the slot graph")
+
+    monkeypatch.setattr(SlotBatch, "_run", broken)
+    engine = graphopt.load(llama_artifact)
+    with caplog.at_level(logging.WARNING, logger="graphopt.serving.scheduler"):
+        scheduler = Scheduler(engine, max_batch=1)
+    assert scheduler.state()["cache"] == "concat"
+    assert "the slot graph failed on a probe: RuntimeError: injected" in caplog.text
+    with pytest.raises(InputError, match="failed on a probe"):
+        Scheduler(engine, max_batch=1, cache="slots")
