@@ -82,14 +82,20 @@ def test_weights_in_an_external_data_file(tmp_path):
     _decode_as_each_alone(art)
 
 
+def _falls_back(engine, caplog, why: str) -> None:
+    """``cache="auto"`` serves from the appended cache and logs ``why``; ``cache="slots"`` refuses
+    with it."""
+    with caplog.at_level(logging.WARNING, logger="graphopt.serving.scheduler"):
+        scheduler = Scheduler(engine, max_batch=1)
+    assert scheduler.state()["cache"] == "concat"
+    assert why in caplog.text
+    with pytest.raises(InputError, match=f"cannot be served from in-place slot buffers: {why}"):
+        Scheduler(engine, max_batch=1, cache="slots")
+
+
 def test_what_the_slots_cannot_serve_falls_back_saying_why(llama_torch_artifact, caplog):
     engine = graphopt.load(llama_torch_artifact)
-    with caplog.at_level(logging.WARNING, logger="graphopt.serving.scheduler"):
-        scheduler = Scheduler(engine, max_batch=2)
-    assert scheduler.state()["cache"] == "concat"
-    assert "the torch target runs its own program" in caplog.text
-    with pytest.raises(InputError, match="cannot be served from in-place slot buffers: the torch target"):
-        Scheduler(engine, max_batch=2, cache="slots")
+    _falls_back(engine, caplog, "the torch target runs its own program")
     with pytest.raises(InputError, match="cache must be auto, slots or concat"):
         Scheduler(engine, max_batch=2, cache="paged")
 
@@ -103,10 +109,4 @@ def test_a_slot_graph_that_fails_its_probe_is_not_used(llama_artifact, monkeypat
         raise RuntimeError("injected: ONNX Runtime refused the slot graph")
 
     monkeypatch.setattr(SlotBatch, "_run", broken)
-    engine = graphopt.load(llama_artifact)
-    with caplog.at_level(logging.WARNING, logger="graphopt.serving.scheduler"):
-        scheduler = Scheduler(engine, max_batch=1)
-    assert scheduler.state()["cache"] == "concat"
-    assert "the slot graph failed on a probe: RuntimeError: injected" in caplog.text
-    with pytest.raises(InputError, match="failed on a probe"):
-        Scheduler(engine, max_batch=1, cache="slots")
+    _falls_back(graphopt.load(llama_artifact), caplog, "the slot graph failed on a probe: RuntimeError: injected")
