@@ -321,14 +321,15 @@ def test_parallel_case_quick_on_the_tiny_model(tmp_path):
 
 
 def test_serve_case_quick_on_the_trained_decoder(tmp_path):
-    """The serve case end to end: a real server with and without batching, HF generate per
-    request, every request answered, the three systems measured at each level."""
+    """The serve case end to end: a real server with and without batching (slot buffers and the
+    appended cache), HF generate per request, every request answered, the four systems measured at
+    each level."""
     proc = run_bench("--cases", "serve", "--quick", "--out", str(tmp_path), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = check_files(tmp_path, "serve")
-    assert [s["status"] for s in data["systems"]] == ["ok"] * 3, data["systems"]
+    assert [s["status"] for s in data["systems"]] == ["ok"] * 4, data["systems"]
     rows = data["rows"]
-    assert len(rows) == 3 * 2  # three systems at 1 and 4 clients
+    assert len(rows) == 4 * 2  # four systems at 1 and 4 clients
     for row in rows:
         assert row["failed"] == 0 and row["tokens"] > 0 and row["tokens_per_s"] > 0, row
         assert row["ttft_p50_s"] > 0 and row["itl_p50_s"] > 0

@@ -303,9 +303,10 @@ def _summary(rows: list[dict[str, Any]], model: str, clients: int) -> str:
 CASE = Case(
     name="serve",
     title="graphopt serve under load: continuous batching vs batching off vs HF generate per request",
-    measures="graphopt serve (OpenAI API, streamed) with 1/8/32 concurrent clients, 3 requests each, on the trained decoder and the "
-             "31.8M tiny Llama: throughput, p50/p99 time to first token and inter-token latency, beside the same "
-             "server with batching off and HF generate per request from a thread pool",
+    measures="graphopt serve (OpenAI API, streamed) with 1/8/32/64 concurrent clients, 3 requests each, on the trained decoder "
+             "and the 31.8M tiny Llama: throughput, p50/p99 time to first token and inter-token latency, beside the "
+             "same server with the appended cache and with batching off, and HF generate per request from a thread "
+             "pool",
     params=Params,
     run=run,
     quick={"models": "shakespeare", "clients": "1,4", "hf_clients": "1,4", "min_requests": 2, "prompt_min": 4, "prompt_max": 16,
