@@ -112,6 +112,14 @@ for fam, single, tp in json.loads(sys.argv[1]):
                 "cache_heads": next(s.shape[1] for s in eng.inputs if s.name == "past_key_0"),
                 "full_heads": next(s.shape[1] for s in ref.inputs if s.name == "past_key_0")}
 json.dump(res, open(sys.argv[2] + f".{dist.get_rank()}", "w"))
+# a finished gloo rank can still abort in the interpreter's teardown under load ("terminate called
+# without an active exception", PyTorch #179291); end the way graphopt's CLI ends a rank: the exit
+# handlers (graphopt's destroys the process group), then no teardown
+import atexit, os
+dist.barrier()
+atexit._run_exitfuncs()
+sys.stdout.flush()
+os._exit(0)
 """
 
 
