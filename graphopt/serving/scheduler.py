@@ -5,7 +5,7 @@ One thread owns the engine. Every iteration it
 1. drops cancelled sequences (a client that went away) and frees their cache rows;
 2. prefills at most ``max_tokens_per_step`` prompt tokens (padding counted), in one call, while
    the batch has a free row (``max_batch`` rows, a prompt being prefilled holds one): either
-   waiting requests of similar lengths together (left-padded, an empty cache; the padding is
+   waiting requests of similar lengths together (padded to the longest, an empty cache; the padding is
    kept under a quarter of the call), or the next chunk of a prompt longer than the budget (after
    the cache its earlier chunks left; chunked prefill, as in vLLM and Sarathi). A request whose
    prompt is done gets its first token and its cache rows join the running batch;
@@ -26,6 +26,10 @@ raises fails the requests of that batch only; the scheduler keeps serving.
 Events go to each sequence's ``on_event(kind, value)`` from the scheduler thread: ``("token",
 id)``, then one of ``("done", reason)`` (``"stop"``: an end-of-sequence token, ``"length"``:
 ``max_tokens`` or the artifact's length) or ``("error", message)``.
+
+The cache itself is :func:`make_batch`'s: in-place slot buffers (:mod:`graphopt.serving.slots`,
+rows at their own lengths) where the artifact allows them, else the artifact's appended cache
+(:mod:`graphopt.serving.batch`, rows left-padded to a common length).
 """
 
 from __future__ import annotations
