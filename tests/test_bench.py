@@ -348,3 +348,26 @@ def test_speculative_case_quick_on_the_trained_decoder(tmp_path):
     spec = [s for n, s in systems.items() if n.startswith("graphopt ") and "plain" not in n]
     assert len(spec) >= 2 and all(s["quality"]["token_agreement"] == 1.0 for s in spec)
     assert all("acceptance" in s["info"] for s in spec)
+    ceiling = data["settings"]["ceiling"]["shakespeare · open"]
+    assert ceiling["target_call_ms"]["1"] > 0
+    for label in ("prompt lookup", "trained 1-layer draft"):
+        d = ceiling["drafters"][label]
+        assert d["ceiling"] >= d["fixed"] > 0 and 1 <= d["target_calls"] <= 16, (label, d)
+
+
+def test_speculative_replay_bounds_what_drafting_can_gain():
+    """The speculative case's ceiling: lossless speculation replayed over the target's own tokens,
+    priced by call costs. A drafter that is always right checks every token in one call; one that
+    is never right gains nothing (the oracle falls back to plain steps); draft calls are charged."""
+    from bench.cases.speculative import _replay
+
+    seq, p0 = [1, 2, 3, 4, 5, 6, 7, 8], 3  # a prompt of 3, then 5 tokens (the first from the prefill)
+    flat = {s: 1.0 for s in range(1, 10)}  # a call costs the same for any number of tokens
+    right = _replay(seq, p0, flat, lambda m: flat[m + 1], lambda i, k: seq[i:i + k], kmax=8)
+    assert right["ceiling"] == 4.0 and right["target_calls"] == 1 and right["fixed"] == 4.0
+    assert right["acceptance"] == 1.0
+    wrong = _replay(seq, p0, flat, lambda m: flat[m + 1], lambda i, k: [-1] * k, kmax=8)
+    assert wrong["ceiling"] == 1.0 and wrong["target_calls"] == 4 and wrong["fixed"] == 1.0
+    assert wrong["acceptance"] == 0.0
+    drafted = _replay(seq, p0, flat, lambda m: 1.0 + 0.5 * m, lambda i, k: seq[i:i + k], kmax=8)
+    assert drafted["fixed"] == 1.6 and drafted["k"] == 3  # 3 draft calls, one check keeps them + its own

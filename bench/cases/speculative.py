@@ -187,6 +187,12 @@ def run(ctx: BenchContext, p: Params) -> CaseResult:
         ctx.log(f"speculative: compiling {name} and its drafts ...")
         target, hf_drafts, arts = _models(ctx, p, name)
         engines = {label: load_engine(path, "onnx", ctx) for label, path in arts.items()}
+        # the ceiling takes each model's fastest session: ORT's thread pool spinning between calls
+        # (fastest for one model alone), or one thread (no pool to wake: fastest for a small draft)
+        import graphopt
+
+        variants = {label: [e, graphopt.load(arts[label], threads=ctx.threads, spinning=True),
+                            graphopt.load(arts[label], threads=1)] for label, e in engines.items()}
         result.settings.setdefault("parameters", {})[name] = {
             "target": sum(t.numel() for t in target.parameters()),
             **{label: sum(t.numel() for t in m.parameters()) for label, m in hf_drafts.items()}}
@@ -201,9 +207,145 @@ def run(ctx: BenchContext, p: Params) -> CaseResult:
             result.systems += systems
             result.baselines[group] = base
             result.notes += [f"{group}: {n}" for n in notes]
-        for e in engines.values():
-            e.close()
+            out = engines["target"].generate(prompt, p.new_tokens)[0, prompt.shape[1]:].tolist()
+            ceil = _ceiling(prompt, variants, out)
+            result.settings.setdefault("ceiling", {})[group] = ceil
+            result.notes.append(f"{group}: ceiling with no loop costs (bare ONNX Runtime calls: target "
+                                f"{ceil['target_call_ms'][1]:.3f} ms for 1 token, {ceil['target_call_ms'][5]:.3f} ms "
+                                "for 5; the target's own tokens replayed): " + "; ".join(
+                                    f"{label} at most {d['ceiling']:.2f}x ({d['target_calls']} target calls; best "
+                                    f"fixed k={d['k']}: {d['fixed']:.2f}x, acceptance {d['acceptance']:.2f}"
+                                    + (f", draft call {d['draft_call_ms']:.3f} ms" if "draft_call_ms" in d else "")
+                                    + ")" for label, d in ceil["drafters"].items()))
+        for es in variants.values():
+            for e in es:
+                e.close()
     return result
+
+
+# -- what any loop could reach: measured call costs, the target's own tokens -----------------------------
+
+def _bare_call(engine: Any, prompt: torch.Tensor, seq: int) -> Any:
+    """One bare ONNX Runtime call of ``engine``'s kv-cache graph (a closure): ``seq`` new tokens
+    after a cache of the prompt, feeds built once (no loop, no conversions)."""
+    import numpy as np
+
+    from graphopt.speculative import _Cache
+
+    cache = _Cache(engine, 1)
+    cache.feed([prompt[0].tolist()])
+    gen = engine.manifest["generation"]
+    ids = prompt[:, torch.arange(seq) % prompt.shape[1]]  # real token ids; the values do not change the cost
+    feed = {gen["ids"]: ids, gen["attention_mask"]: torch.ones(1, seq, dtype=torch.int64), **cache.cache}
+    arrays = {n: np.ascontiguousarray(feed[n].numpy()) for n in engine.input_names}
+    session = engine.runner.session
+    return lambda: session.run(None, arrays)
+
+
+def _medians_ms(calls: dict[Any, Any], rounds: int = 10, block: int = 6) -> dict[Any, float]:
+    """Median ms of each call: blocks of ``block`` back-to-back calls (the first of a block, after
+    another session ran, is not counted: a decoding loop calls one session over and over), blocks
+    of every call interleaved over ``rounds`` rounds so that drift of the machine falls on all."""
+    import time
+
+    import numpy as np
+
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, f in calls.items():
+            f()
+            for _ in range(block - 1):
+                t0 = time.perf_counter()
+                f()
+                times[key].append(time.perf_counter() - t0)
+    return {key: float(np.median(ts)) * 1e3 for key, ts in times.items()}
+
+
+def _agreement(engine: Any, seq: list[int], start: int) -> list[bool]:
+    """Teacher-forced: does ``engine``'s argmax after ``seq[:t]`` equal ``seq[t]``, for t >= start."""
+    from graphopt.speculative import _Cache
+
+    logits = _Cache(engine, 1).forward(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.int64))
+    pred = logits[0].argmax(-1).tolist()  # pred[t] follows seq[: t + 1]
+    return [pred[t - 1] == seq[t] for t in range(start, len(seq))]
+
+
+def _replay(seq: list[int], p0: int, t: dict[int, float], round_cost: Any, propose: Any, kmax: int
+            ) -> dict[str, Any]:
+    """Lossless speculation replayed over ``seq`` (a prompt of ``p0`` tokens, then the target's
+    greedy tokens; the first comes from the prefill): ``propose(i, k)`` drafts ``k`` tokens for
+    position ``i``, a round that checked ``m`` drafts costs ``round_cost(m)`` and a plain step
+    ``t[1]``. Speedups over plain steps for the best fixed draft length (``fixed``, ``k``, its
+    ``acceptance``) and for an oracle that drafts exactly the tokens that will be kept
+    (``ceiling``, ``target_calls``): no draft-length policy does better than the oracle."""
+    plain = (len(seq) - p0 - 1) * t[1]
+
+    def match(d: list[int], i: int) -> int:
+        n = 0
+        while n < len(d) and i + n < len(seq) and d[n] == seq[i + n]:
+            n += 1
+        return n
+
+    top: dict[str, Any] = {"fixed": 0.0}
+    for k in range(1, kmax + 1):
+        i, cost, proposed, kept = p0 + 1, 0.0, 0, 0
+        while i < len(seq):
+            d = propose(i, k)
+            n = match(d, i)
+            cost += round_cost(len(d))
+            proposed, kept = proposed + len(d), kept + n
+            i += n + 1
+        if cost and plain / cost > top["fixed"]:
+            top = {"fixed": round(plain / cost, 3), "k": k, "acceptance": round(kept / max(proposed, 1), 4)}
+    i, cost, rounds = p0 + 1, 0.0, 0
+    while i < len(seq):
+        n = match(propose(i, kmax), i)
+        cost += round_cost(n) if n else t[1]
+        rounds, i = rounds + 1, i + n + 1
+    return {"ceiling": round(plain / cost, 3) if cost else 1.0, "target_calls": rounds, **top}
+
+
+def _ceiling(prompt: torch.Tensor, variants: dict[str, list[Any]], out: list[int], kmax: int = 16) -> dict[str, Any]:
+    """The speedup a speculative loop with no costs of its own could reach on this prompt: the
+    target's greedy tokens ``out`` replayed (lossless decoding emits exactly them), each round
+    costing a bare target call over ``k + 1`` tokens plus ``k`` bare draft calls (prompt lookup: no
+    draft cost), against ``len(out) - 1`` bare one-token target calls (the prefill, the same in
+    both, left out). ``variants``: per model (``"target"`` and each draft), sessions of it with
+    different settings; each call costs what the fastest of them takes."""
+    from graphopt.speculative import _lookup
+
+    calls = {("target", s, v): _bare_call(e, prompt, s) for s in range(1, kmax + 2)
+             for v, e in enumerate(variants["target"])}
+    calls.update({(label, 1, v): _bare_call(e, prompt, 1) for label, es in variants.items() if label != "target"
+                  for v, e in enumerate(es)})
+    med = _medians_ms(calls)
+    ms = {(label, s): min(m for (lb, ss, _), m in med.items() if (lb, ss) == (label, s)) for label, s, _ in med}
+    t = {s: ms[("target", s)] for s in range(1, kmax + 2)}
+    engines = {label: es[0] for label, es in variants.items()}
+    seq = prompt[0].tolist() + out
+    p0 = prompt.shape[1]
+    res: dict[str, Any] = {"target_call_ms": {s: round(t[s], 4) for s in (1, 2, 3, 5, 9)}, "drafters": {}}
+
+    def best(round_cost: Any, propose: Any) -> dict[str, Any]:
+        return _replay(seq, p0, t, round_cost, propose, kmax)
+
+    res["drafters"]["prompt lookup"] = best(lambda m: t[m + 1], lambda i, k: _lookup(seq[:i], 3, k))
+    for label, eng in engines.items():
+        if label == "target":
+            continue
+        d1 = ms[(label, 1)]
+        agree = [True] * (p0 + 1) + _agreement(eng, seq, p0 + 1)  # agree[i]: the draft's argmax after seq[:i] is seq[i]
+
+        def propose(i: int, k: int, agree: list[bool] = agree) -> list[int]:
+            n = 0  # the draft proposes its own argmax; it matches the target's token while it agrees
+            while n < k and i + n < len(seq) and agree[i + n]:
+                n += 1
+            return seq[i:i + n] + [-1] * (k - n)  # -1: a wrong draft (it drafts k tokens all the same)
+
+        top = best(lambda m, d1=d1: t[m + 1] + m * d1, propose)
+        res["drafters"][label] = {**top, "draft_call_ms": round(d1, 4),
+                                  "agreement": round(sum(agree[p0 + 1:]) / max(1, len(seq) - p0 - 1), 4)}
+    return res
 
 
 CASE = Case(
