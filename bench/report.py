@@ -185,7 +185,24 @@ def _latency_md(r: CaseResult) -> list[str]:
         n = systems[0].latency_s.get("n") if systems and systems[0].latency_s else 0
         out += [f"{n} interleaved timed rounds per system; speedup is computed per round (paired) "
                 f"as {base} time / system time; × floor = time / floor.", ""]
+        out += _ceiling_md([row for row in r.rows if row.get("group") == g and "ceiling" in row])
     return out
+
+
+def _ceiling_md(rows: list[dict[str, Any]]) -> list[str]:
+    """The speculative case's ceiling of each drafter on a prompt (bench/cases/speculative.py)."""
+    if not rows:
+        return []
+    table = [[row["drafter"], f"{row['ceiling']:.2f}×", str(row["target_calls"]), str(row["k"]),
+              f"{row['fixed']:.2f}×", f"{row['acceptance']:.2f}",
+              f"{row['draft_call_ms']:.3f} ms" if row.get("draft_call_ms") is not None else "-",
+              f"{row['agreement']:.2f}" if row.get("agreement") is not None else "-"] for row in rows]
+    return [f"Ceiling of any speculative loop with no costs of its own: the target's greedy tokens replayed, "
+            f"each call priced as a bare ONNX Runtime call (target {rows[0]['target_call_ms_1']:.3f} ms for 1 "
+            f"token, {rows[0]['target_call_ms_5']:.3f} ms for 5; each model's fastest session), speedup over "
+            "plain one-token calls:", "",
+            _table(["drafter", "ceiling (oracle draft lengths)", "target calls", "best fixed k", "its speedup",
+                    "acceptance at that k", "draft call", "draft agreement (teacher-forced)"], table), ""]
 
 
 def _details(s: SystemResult) -> str:
