@@ -461,6 +461,16 @@ def _serve_md(r: CaseResult) -> list[str]:
                  fmt_time(row["itl_p50_s"]), fmt_time(row["itl_p99_s"])]
                 for row in r.rows if row["model"] == model]
         out += [_table(header, rows), ""]
+        c = r.floors.get(model)
+        if c:
+            n = c["clients"]
+            out += [f"Engine ceiling (bare slot-buffer calls, no HTTP, no client): a decode step "
+                    f"{fmt_time(c['step_1_s'])} for 1 row, {fmt_time(c[f'step_{n}_s'])} for {n}; prefill "
+                    f"{fmt_time(c['prefill_per_token_s'])} per prompt token; mean prompt {c['mean_prompt']} and "
+                    f"{c['mean_new']} new tokens → at most {c['tokens_per_s_at_most']} tokens/s batched, "
+                    f"{c['batching_off_tokens_per_s_at_most']} batching off (**{c['gain_at_most']}x**); with {n} "
+                    f"streams decoding, mean inter-token latency at least **{fmt_time(c['mean_itl_at_least_s'])}**.",
+                    ""]
     bad = [s for s in r.systems if s.status != "ok"]
     if bad:
         out += [f"- {s.name} ({s.group}): {s.status}{': ' + s.note if s.note else ''}" for s in bad] + [""]

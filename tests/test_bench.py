@@ -334,6 +334,10 @@ def test_serve_case_quick_on_the_trained_decoder(tmp_path):
         assert row["failed"] == 0 and row["tokens"] > 0 and row["tokens_per_s"] > 0, row
         assert row["ttft_p50_s"] > 0 and row["itl_p50_s"] > 0
     assert any("clients:" in n for n in data["notes"])
+    ceiling = data["floors"]["shakespeare"]  # the engine alone, bare calls
+    assert ceiling["clients"] == 4 and 0 < ceiling["step_1_s"] and ceiling["prefill_per_token_s"] > 0
+    assert ceiling["gain_at_most"] > 0 and ceiling["mean_itl_at_least_s"] > 0
+    assert "Engine ceiling" in (tmp_path / "serve.md").read_text()
 
 
 def test_speculative_case_quick_on_the_trained_decoder(tmp_path):

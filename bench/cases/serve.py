@@ -90,7 +90,12 @@ def run(ctx: BenchContext, p: Params) -> CaseResult:
             result.systems.append(SystemResult(system, GRAPHOPT if system != HF else BASELINE, "ok", group=name))
             for row in rows:
                 result.rows.append({"model": name, "system": system, **row})
-        result.notes.append(_summary(result.rows, name, 32 if 32 in levels else max(levels)))
+        at = 32 if 32 in levels else max(levels)
+        try:
+            result.floors[name] = _engine_ceiling(ctx, art, _workload(p, prompts, at), at)
+        except Exception as e:  # noqa: BLE001 - the ceiling is a measurement beside the systems
+            result.notes.append(f"{name}: engine ceiling not measured: {type(e).__name__}: {e}")
+        result.notes.append(_summary(result.rows, name, at, result.floors.get(name)))
     skipped = [n for n in levels if str(n) not in p.hf_clients.split(",")]
     if skipped and ctx.wanted(HF):
         result.notes.append(f"HF generate per request was not run at {', '.join(map(str, skipped))} clients "
@@ -265,6 +270,60 @@ def _level_hf(model: Any, work: list[list[tuple[list[int], int]]], clients: int)
     return _row(clients, sum(len(w) for w in work), 0, counted[0], wall, ttft, gaps)
 
 
+def _engine_ceiling(ctx: BenchContext, art: Path, work: list[list[tuple[list[int], int]]], clients: int
+                    ) -> dict[str, Any]:
+    """What the engine alone allows for this workload on this machine: no HTTP, no client, no
+    scheduler, bare calls of the server's slot-buffer cache (:class:`~graphopt.serving.slots.SlotBatch`).
+
+    Measured: a decode step of 1 row and of ``clients`` rows (after the workload's prompts), and a
+    prompt's prefill per token. Per generated token, batching off pays a 1-row step, continuous
+    batching a ``1 / clients`` share of a ``clients``-row step, and both the prefill of
+    ``mean prompt / mean new tokens`` prompt tokens: the quotient bounds the throughput gain of
+    batching. With every client decoding, a stream waits on average ``clients`` batched per-token
+    costs between two tokens: a floor under the mean inter-token latency."""
+    import graphopt
+    from graphopt.serving.slots import SlotBatch
+
+    reqs = [r for w in work for r in w]
+    mean_prompt = statistics.fmean(len(q) for q, _ in reqs)
+    mean_new = statistics.fmean(n for _, n in reqs)
+    prompts = [reqs[i % len(reqs)][0] for i in range(clients)]
+    engine = graphopt.load(art, threads=ctx.threads)
+    try:
+        batch = SlotBatch(engine, clients)
+        spent, tokens = 0.0, 0
+        for q in prompts[:8]:
+            t0 = time.perf_counter()
+            _, staged = batch.prefill([q])
+            spent, tokens = spent + time.perf_counter() - t0, tokens + len(q)
+            batch.drop(staged)
+
+        def step_s(rows: int) -> float:
+            _, staged = batch.prefill(prompts[:rows])
+            batch.join(staged, list(range(rows)))
+            ids = [1] * rows
+            for _ in range(3):
+                batch.step(ids)
+            times = []
+            for _ in range(15):
+                t0 = time.perf_counter()
+                batch.step(ids)
+                times.append(time.perf_counter() - t0)
+            batch.keep([])
+            return statistics.median(times)
+
+        one, many = step_s(1), step_s(clients)
+    finally:
+        engine.close()
+    prefill = spent / tokens
+    share = mean_prompt / mean_new * prefill  # prompt work per generated token
+    off, on = one + share, many / clients + share
+    return {"clients": clients, "step_1_s": one, f"step_{clients}_s": many, "prefill_per_token_s": prefill,
+            "mean_prompt": round(mean_prompt, 1), "mean_new": round(mean_new, 1),
+            "gain_at_most": round(off / on, 2), "tokens_per_s_at_most": round(1 / on, 1),
+            "batching_off_tokens_per_s_at_most": round(1 / off, 1), "mean_itl_at_least_s": clients * on}
+
+
 def _pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -281,7 +340,7 @@ def _row(clients: int, requests: int, failed: int, tokens: int, wall: float, ttf
             "itl_mean_s": statistics.fmean(gaps) if gaps else None}
 
 
-def _summary(rows: list[dict[str, Any]], model: str, clients: int) -> str:
+def _summary(rows: list[dict[str, Any]], model: str, clients: int, ceiling: dict[str, Any] | None = None) -> str:
     def get(system: str, n: int, key: str) -> float | None:
         return next((r[key] for r in rows if r["model"] == model and r["system"] == system and r["clients"] == n), None)
 
@@ -297,6 +356,11 @@ def _summary(rows: list[dict[str, Any]], model: str, clients: int) -> str:
     if itl and itl1:
         parts.append(f"p99 inter-token latency {itl * 1e3:.1f} ms = {itl / itl1:.1f}x the single client's "
                      f"{itl1 * 1e3:.1f} ms (goal under 3x)")
+    if ceiling:
+        parts.append(f"the engine alone (bare calls, no HTTP) allows at most {ceiling['gain_at_most']:.1f}x from "
+                     f"batching on this workload, and with {clients} streams decoding a mean inter-token latency of "
+                     f"at least {ceiling['mean_itl_at_least_s'] * 1e3:.1f} ms"
+                     + (f" = {ceiling['mean_itl_at_least_s'] / itl1:.1f}x the single client's p99" if itl1 else ""))
     return f"{model}, {clients} clients: " + "; ".join(parts)
 
 
