@@ -94,6 +94,39 @@ def load_average() -> list[float] | None:
         return None
 
 
+def cpu_seconds() -> dict[str, float] | None:
+    """CPU seconds so far: the machine's busy time and the hypervisor's steal time (``/proc/stat``,
+    all CPUs), this process's and its finished children's (``getrusage``), and a wall clock. Two
+    readings tell what else ran on the cores meanwhile (:func:`cpu_during`)."""
+    import resource
+    import time
+
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:9]]
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    vals += [0] * (8 - len(vals))
+    user, nice, system, idle, iowait, irq, softirq, steal = vals
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"busy_s": (user + nice + system + irq + softirq) / hz, "steal_s": steal / hz,
+            "ours_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime, "wall_s": time.monotonic()}
+
+
+def cpu_during(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
+    """Average CPUs in use between two :func:`cpu_seconds` readings: by the bench (this process and
+    the subprocesses it started and waited for: servers, ranks), by other processes, and taken by
+    the hypervisor for other machines (steal)."""
+    if not before or not after or after["wall_s"] <= before["wall_s"]:
+        return None
+    wall = after["wall_s"] - before["wall_s"]
+    ours = (after["ours_s"] - before["ours_s"]) / wall
+    busy = (after["busy_s"] - before["busy_s"]) / wall
+    return {"bench_cpus": round(ours, 2), "other_cpus": round(max(busy - ours, 0.0), 2),
+            "steal_cpus": round((after["steal_s"] - before["steal_s"]) / wall, 2)}
+
+
 def describe(threads: int, device: str) -> dict[str, Any]:
     import torch
 
@@ -137,11 +170,23 @@ def one_line(m: dict[str, Any]) -> str:
 
 
 def busy_note(m: dict[str, Any]) -> str | None:
-    """A warning when the machine was busy: the load average exceeded the usable CPUs."""
-    loads = [m.get("load_average_at_start"), m.get("load_average_at_end")]
-    worst = max((la[0] for la in loads if la), default=None)
+    """A warning when something else took CPU while the case ran: other processes (the machine's
+    busy time less the bench's own, subprocesses included) or the hypervisor (steal time). Without
+    those readings, the load average at the run's start (the one at the end counts the case's own
+    threads and servers)."""
     cpus = m.get("usable_cpus") or 1
-    if worst is not None and worst > cpus:
-        return (f"the machine was busy (1-minute load average up to {worst} on {cpus} usable CPUs): "
+    during = m.get("cpu_during_case")
+    if during:
+        parts = []
+        if during["other_cpus"] >= 0.25:
+            parts.append(f"other processes used {during['other_cpus']} of the {cpus} CPUs on average")
+        if during["steal_cpus"] >= 0.1:
+            parts.append(f"the hypervisor took {during['steal_cpus']} CPUs for other machines (steal time)")
+        if parts:
+            return f"while the case ran {' and '.join(parts)}: these timings are noisy"
+        return None
+    start = m.get("load_average_at_start")
+    if start and start[0] > cpus:
+        return (f"the machine was busy (1-minute load average {start[0]} on {cpus} usable CPUs at the start): "
                 "other processes competed for the cores, so these timings are noisy")
     return None

@@ -96,6 +96,10 @@ def machine_block(r: CaseResult) -> str:
         ["date (UTC)", m.get("date", "")],
         ["load average", f"{m.get('load_average_at_start')} at start, {m.get('load_average_at_end')} at end"],
     ]
+    c = m.get("cpu_during_case")
+    if c:
+        rows.append(["CPUs in use during the case (average)", f"{c['bench_cpus']} by the bench and its subprocesses, "
+                     f"{c['other_cpus']} by other processes, {c['steal_cpus']} stolen by the hypervisor"])
     return _table(["machine", ""], rows)
 
 

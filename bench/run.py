@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     torch.manual_seed(0)
 
-    from bench.machine import busy_note, describe, load_average
+    from bench.machine import busy_note, cpu_during, cpu_seconds, describe, load_average
     from bench.report import write_all
 
     machine = describe(args.threads, args.device)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in wanted:
             case = cases[name]
             ctx.log(f"== case {name}: {case.measures}")
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), cpu_seconds()
             try:
                 result = case.run(ctx, params[name])
                 outcome = "ok"
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = CaseResult(name, case.title, "latency", {"parameters": vars(params[name])},
                                     notes=[f"the case failed: {type(e).__name__}: {e}"])
             result.elapsed_s = round(time.perf_counter() - t0, 1)
-            result.machine = {**machine, "load_average_at_end": load_average()}
+            result.machine = {**machine, "load_average_at_end": load_average(),
+                              "cpu_during_case": cpu_during(cpu0, cpu_seconds())}
             if result.kind == "latency" and result.settings is not None:
                 result.settings.setdefault("threads", args.threads)
                 result.settings.setdefault("device", args.device)

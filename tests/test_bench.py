@@ -375,3 +375,23 @@ def test_speculative_replay_bounds_what_drafting_can_gain():
     assert wrong["acceptance"] == 0.0
     drafted = _replay(seq, p0, flat, lambda m: 1.0 + 0.5 * m, lambda i, k: seq[i:i + k], kmax=8)
     assert drafted["fixed"] == 1.6 and drafted["k"] == 3  # 3 draft calls, one check keeps them + its own
+
+
+def test_busy_note_names_what_else_took_the_cpus():
+    """The note on noisy timings comes from CPU time, not the load average at the end (which counts
+    the case's own threads and servers): the machine's busy time less the bench's own is what other
+    processes took; steal time is what the hypervisor took."""
+    from bench.machine import busy_note, cpu_during, cpu_seconds
+
+    before = {"busy_s": 100.0, "steal_s": 5.0, "ours_s": 10.0, "wall_s": 50.0}
+    after = {"busy_s": 130.0, "steal_s": 7.0, "ours_s": 30.0, "wall_s": 60.0}  # 10 s: 3 CPUs busy, 2 ours
+    during = cpu_during(before, after)
+    assert during == {"bench_cpus": 2.0, "other_cpus": 1.0, "steal_cpus": 0.2}
+    note = busy_note({"usable_cpus": 2, "cpu_during_case": during})
+    assert "other processes used 1.0 of the 2 CPUs" in note and "steal" in note
+    quiet = cpu_during(before, {**after, "busy_s": 120.0, "steal_s": 5.0})
+    assert busy_note({"usable_cpus": 2, "cpu_during_case": quiet, "load_average_at_end": [6.7, 3, 2]}) is None
+    assert busy_note({"usable_cpus": 2, "load_average_at_start": [3.5, 2, 1]}).startswith("the machine was busy")
+    assert cpu_during(None, after) is None
+    reading = cpu_seconds()
+    assert reading is None or {"busy_s", "steal_s", "ours_s", "wall_s"} <= set(reading)
