@@ -38,7 +38,7 @@ import torch
 from bench.cases import Case
 from bench.cases.decode import TINY_LLAMA, _summary, agreement
 from bench.harness import BASELINE, GRAPHOPT, PEER, BenchContext, Candidate, CaseResult, System, run_latency
-from bench.systems import load_engine
+from bench.systems import load_engine, ort_providers
 
 REPO = Path(__file__).resolve().parents[2]
 SHAKESPEARE = REPO / "samples" / "shakespeare" / "checkpoint"
@@ -191,8 +191,10 @@ def run(ctx: BenchContext, p: Params) -> CaseResult:
         # (fastest for one model alone), or one thread (no pool to wake: fastest for a small draft)
         import graphopt
 
-        variants = {label: [e, graphopt.load(arts[label], threads=ctx.threads, spinning=True),
-                            graphopt.load(arts[label], threads=1)] for label, e in engines.items()}
+        providers = ort_providers(ctx.device)  # the bench's device for every session
+        variants = {label: [e, graphopt.load(arts[label], providers=providers, threads=ctx.threads, spinning=True),
+                            graphopt.load(arts[label], providers=providers, threads=1)]
+                    for label, e in engines.items()}
         result.settings.setdefault("parameters", {})[name] = {
             "target": sum(t.numel() for t in target.parameters()),
             **{label: sum(t.numel() for t in m.parameters()) for label, m in hf_drafts.items()}}
